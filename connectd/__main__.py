@@ -1,0 +1,3 @@
+from connectd.cli import main
+
+main()

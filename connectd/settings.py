@@ -1,0 +1,303 @@
+"""Typed settings: one TOML file (+ CONNECTD_<SECTION>_<KEY> environment overrides) -> frozen objects.
+
+Each field is declared once below with its default and a one-line comment; that declaration is
+the documentation (`connectd config show` prints the effective values with those comments).
+Relative paths (and relative SQLite URLs) resolve against the directory of the settings file,
+so a copied checkout or a test's temporary directory is self-contained.
+
+Errors in the file (unknown section or key, a value of the wrong type or out of range) raise
+`SettingsError`, which the CLI turns into exit status 78 (EX_CONFIG) so systemd does not loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+EX_CONFIG = 78
+ENV_PREFIX = "CONNECTD_"
+
+
+class SettingsError(Exception):
+    """The settings file or environment holds something unusable; the message names the key."""
+
+
+def setting(default: Any, doc: str) -> Any:
+    """Declare a settings field with its default and its one-line documentation."""
+    return field(default=default, metadata={"doc": doc})
+
+
+class DbUrl(str):
+    """A SQLAlchemy database URL; relative sqlite paths resolve against the settings file."""
+
+
+@dataclass(frozen=True)
+class PathsSettings:
+    spool: Path = setting(Path("../spool"), "event streams, inbound message store, sink mailbox")
+    logs: Path = setting(Path("../logs"), "daemon diagnostics when not under systemd/journald")
+    secrets: Path = setting(Path("secrets.toml"), "signing keys and passwords (mode 0600), made by init")
+    content_root: Path = setting(Path("../spool/content"), "files served by the built-in content server")
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    customer_url: DbUrl = setting(DbUrl("sqlite:///../spool/customer.db"), "customer DB (SQLAlchemy URL)")
+    report_url: DbUrl = setting(DbUrl("sqlite:///../spool/report.db"), "report DB (SQLAlchemy URL)")
+    echo: bool = setting(False, "log every SQL statement (debugging only)")
+
+
+@dataclass(frozen=True)
+class SpoolSettings:
+    segment_max_bytes: int = setting(64 * 1024 * 1024, "roll a stream's segment once it reaches this size")
+    segment_max_age: float = setting(3600.0, "roll a segment this many seconds after it was started")
+    durability: Literal["always", "group", "none"] = setting(
+        "group", "fsync after every record (always), every group_commit_ms (group), or never (none)"
+    )
+    group_commit_ms: int = setting(5, "with durability=group: the longest a written record waits for fsync")
+    retention: float = setting(7 * 86400.0, "gc keeps consumed segments at least this many seconds")
+    poll_interval: float = setting(1.0, "readers re-check streams this often even without inotify events")
+
+
+@dataclass(frozen=True)
+class ProfilerSettings:
+    batch_size: int = setting(5000, "records applied per database transaction")
+    streams: tuple[str, ...] = setting((), "streams to follow; empty = every stream in the spool")
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    idle_sleep: float = setting(1.0, "longest sleep of an idle daemon between checks for work")
+    watchdog_interval: float = setting(10.0, "how often to ping systemd's watchdog (WATCHDOG=1) at most")
+    restart_backoff_max: float = setting(30.0, "connectd up: longest wait before restarting a dead daemon")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    host: str = setting("127.0.0.1", "Conversation Editor, reports, REST API and content server")
+    port: int = setting(8470, "HTTP port of the web daemon")
+    public_url: str = setting("http://127.0.0.1:8470", "how browsers and composers reach the web daemon")
+
+
+@dataclass(frozen=True)
+class TrackerSettings:
+    host: str = setting("127.0.0.1", "tracking server listen address")
+    port: int = setting(8471, "tracking server HTTP port")
+    public_url: str = setting("http://127.0.0.1:8471", "base of click/open/unsubscribe URLs in mail")
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    host: str = setting("127.0.0.1", "mail receiver (reply domain MX) listen address")
+    port: int = setting(8025, "mail receiver SMTP port")
+    domain: str = setting("reply.localhost", "the reply domain: the only domain the receiver accepts")
+
+
+@dataclass(frozen=True)
+class SinkSettings:
+    host: str = setting("127.0.0.1", "local development mail farm (stores mail in a maildir)")
+    port: int = setting(8026, "local sink SMTP port")
+    enabled: bool = setting(True, "start the sink with `connectd up`")
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    hosts: tuple[str, ...] = setting(("127.0.0.1:8026",), "mail farm SMTP relays as host:port")
+    connections: int = setting(4, "SMTP connections per composer")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = setting("info", "diagnostic log level")
+    format: Literal["auto", "json", "console"] = setting("auto", "auto = readable on a terminal, JSON otherwise")
+
+
+@dataclass(frozen=True)
+class Settings:
+    paths: PathsSettings = field(default_factory=PathsSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    spool: SpoolSettings = field(default_factory=SpoolSettings)
+    profiler: ProfilerSettings = field(default_factory=ProfilerSettings)
+    daemon: DaemonSettings = field(default_factory=DaemonSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    tracker: TrackerSettings = field(default_factory=TrackerSettings)
+    receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
+    sink: SinkSettings = field(default_factory=SinkSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    source: Path | None = field(default=None, compare=False)  # the file these came from
+
+
+SECTIONS: dict[str, type] = {
+    name: hint for name, hint in typing.get_type_hints(Settings).items() if name != "source"
+}
+
+
+def default_config_path() -> Path:
+    """The checkout's etc/connectd.toml when running from a checkout, else /etc/connectd/."""
+    env = os.environ.get("CONNECTD_CONFIG")
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parent.parent / "etc" / "connectd.toml"
+    if checkout.exists():
+        return checkout
+    return Path("/etc/connectd/connectd.toml")
+
+
+def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file at `path` (default: see default_config_path), apply environment
+    overrides, validate every value, and return frozen Settings."""
+    path = Path(path) if path is not None else default_config_path()
+    environ = os.environ if environ is None else environ
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: settings file not found (set --config or CONNECTD_CONFIG)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read: {exc.strerror}") from None
+    base = path.resolve().parent
+    sections: dict[str, Any] = {}
+    for name, raw_section in raw.items():
+        if name not in SECTIONS:
+            raise SettingsError(f"{path}: unknown section [{name}] (known: {', '.join(SECTIONS)})")
+        if not isinstance(raw_section, dict):
+            raise SettingsError(f"{path}: [{name}] must be a table")
+    for name, cls in SECTIONS.items():
+        values = dict(raw.get(name, {}))
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                raise SettingsError(f"{path}: unknown key {name}.{key} (known: {', '.join(sorted(known))})")
+        prefix = f"{ENV_PREFIX}{name.upper()}_"
+        for env_key, env_value in environ.items():
+            if env_key.startswith(prefix):
+                key = env_key[len(prefix):].lower()
+                if key not in known:
+                    raise SettingsError(f"environment: {env_key} names no setting {name}.{key}")
+                values[key] = _from_env(env_value)
+        sections[name] = _build(cls, name, values, base)
+    return Settings(**sections, source=path.resolve())
+
+
+def _from_env(text: str) -> Any:
+    """Environment values are TOML values when they parse as one (numbers, booleans, arrays),
+    else plain strings, so `CONNECTD_WEB_PORT=9000` and `CONNECTD_WEB_HOST=0.0.0.0` both work."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _coerce(f"{section}.{f.name}", hints[f.name], values[f.name])
+        else:
+            kwargs[f.name] = f.default
+        kwargs[f.name] = _resolve(kwargs[f.name], base)
+    obj = cls(**kwargs)
+    _check_ranges(section, obj)
+    return obj
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise SettingsError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+    if origin is tuple:
+        (item,) = typing.get_args(hint)[:1]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise SettingsError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return tuple(_coerce(key, item, v) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise SettingsError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SettingsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SettingsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise SettingsError(f"{key}: expected a path string, got {value!r}")
+        return Path(value)
+    if hint is DbUrl:
+        if not isinstance(value, str) or "://" not in value:
+            raise SettingsError(f"{key}: expected a database URL such as sqlite:///path or "
+                                f"postgresql+psycopg://user@host/db, got {value!r}")
+        return DbUrl(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise SettingsError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
+        return value
+    raise SettingsError(f"{key}: unsupported setting type {hint!r}")  # pragma: no cover
+
+
+def _resolve(value: Any, base: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else (base / value).resolve()
+    if isinstance(value, DbUrl) and value.startswith("sqlite:///") and value != "sqlite:///:memory:":
+        rest = value[len("sqlite:///"):]
+        db_path, _, query = rest.partition("?")
+        if db_path and not db_path.startswith("/"):
+            resolved = (base / db_path).resolve()
+            return DbUrl(f"sqlite:///{resolved}" + (f"?{query}" if query else ""))
+    return value
+
+
+def _check_ranges(section: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{section}.{f.name}"
+        if f.name == "port" and not (0 <= value <= 65535):
+            raise SettingsError(f"{key}: {value} is not a TCP port (0-65535)")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" and value < 0:
+            raise SettingsError(f"{key}: must not be negative, got {value}")
+    if section == "spool" and obj.segment_max_bytes < 1024:
+        raise SettingsError(f"spool.segment_max_bytes: {obj.segment_max_bytes} is too small (at least 1024)")
+    if section == "profiler" and obj.batch_size < 1:
+        raise SettingsError("profiler.batch_size: must be at least 1")
+
+
+def describe(settings: Settings) -> list[tuple[str, Any, str]]:
+    """(key, effective value, doc) for every setting, in declaration order: `config show`."""
+    rows = []
+    for name in SECTIONS:
+        section = getattr(settings, name)
+        for f in dataclasses.fields(section):
+            rows.append((f"{name}.{f.name}", getattr(section, f.name), f.metadata.get("doc", "")))
+    return rows
+
+
+def to_toml_value(value: Any) -> str:
+    """Render a setting value as TOML (for `config show`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(to_toml_value(v) for v in value) + "]"
+    text = str(value)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
