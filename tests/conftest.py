@@ -1,7 +1,17 @@
-"""Shared fixtures: a self-contained checkout-like tree per test (etc/connectd.toml + spool)."""
+"""Shared fixtures: a self-contained checkout-like tree per test (etc/connectd.toml + spool),
+and databases: `db_url` (SQLite and PostgreSQL), migrated variants, a throwaway PostgreSQL."""
 
 from __future__ import annotations
 
+import getpass
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +44,162 @@ def config_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def settings(config_path: Path) -> settings_mod.Settings:
     return settings_mod.load(config_path, environ={})
+
+
+# --- PostgreSQL: a throwaway cluster per test session (or CONNECTD_TEST_PG_URL) ----------------
+
+
+PG_SKIP_REASON = "PostgreSQL tests skipped: no initdb/pg_ctl found and CONNECTD_TEST_PG_URL not set"
+
+
+def _pg_bindir() -> Path | None:
+    """The directory holding initdb and pg_ctl: PATH first, then Debian's versioned dirs."""
+    initdb = shutil.which("initdb")
+    if initdb and shutil.which("pg_ctl"):
+        return Path(initdb).resolve().parent
+    for bindir in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+            return bindir
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Cluster:
+    """A PostgreSQL cluster in a temp dir, owned by `postgres` when we are root (PostgreSQL
+    refuses to run as root)."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root = Path(tempfile.mkdtemp(prefix="connectd-pg-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self.as_root = os.geteuid() == 0
+        if self.as_root:
+            shutil.chown(self.root, user="postgres", group="postgres")
+        self.user = "postgres" if self.as_root else getpass.getuser()
+
+    def _run(self, *args: str) -> None:
+        cmd = [str(self.bindir / args[0]), *args[1:]]
+        if self.as_root:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            log = self.root / "server.log"
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stderr.strip()}\n{tail}")
+
+    def start(self) -> str:
+        # trust auth, no fsync, tiny buffers: a test server that starts in about a second.
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8",
+                  "--no-sync", "--locale=C")
+        opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c shared_buffers=16MB "
+                "-c max_connections=200")
+        self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l",
+                  str(self.root / "server.log"), "-o", opts)
+        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        try:
+            self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pg_unavailable(reason: str) -> None:
+    # CI must run the PostgreSQL tests: there, a missing server is a failure, not a skip.
+    if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+        pytest.fail(f"PostgreSQL required in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A URL of a maintenance database on a PostgreSQL server we may CREATE DATABASE on:
+    CONNECTD_TEST_PG_URL if set, else a throwaway cluster started for this session."""
+    url = os.environ.get("CONNECTD_TEST_PG_URL")
+    if url:
+        yield url
+        return
+    bindir = _pg_bindir()
+    if bindir is None:
+        _pg_unavailable(PG_SKIP_REASON)
+    cluster = _Cluster(bindir)
+    try:
+        url = cluster.start()
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        cluster.stop()
+        _pg_unavailable(f"PostgreSQL tests skipped: could not start a test cluster: {exc}")
+    try:
+        yield url
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_url_factory(pg_server: str) -> Iterator[Callable[[], str]]:
+    """pg_url_factory() -> the URL of a brand-new empty PostgreSQL database (dropped at the
+    end of the session)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.pool import NullPool
+
+    admin = create_engine(pg_server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    counter = itertools.count(1)
+    created: list[str] = []
+
+    def new_database() -> str:
+        name = f"connectd_test_{os.getpid()}_{next(counter)}_{uuid.uuid4().hex[:6]}"
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        created.append(name)
+        return make_url(pg_server).set(database=name).render_as_string(hide_password=False)
+
+    yield new_database
+    # Engines of finished tests may still hold pooled connections; FORCE ends them.
+    with admin.connect() as conn:
+        for name in created:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(params=[pytest.param("sqlite", id="sqlite"),
+                        pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database URL: a SQLite file under tmp_path, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    return request.getfixturevalue("pg_url_factory")()
+
+
+def migrated_url(url: str, which: str) -> str:
+    """Bring the (empty) database at `url` to the head of the `which` migration history."""
+    from connectd.db import migrate
+    from connectd.db.engine import make_engine
+
+    engine = make_engine(url)
+    try:
+        migrate.upgrade(engine, which)  # type: ignore[arg-type]
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture
+def migrated_customer_url(db_url: str) -> str:
+    """db_url with the customer DB schema at head (SQLite and PostgreSQL)."""
+    return migrated_url(db_url, "customer")
+
+
+@pytest.fixture
+def migrated_report_url(db_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database of db_url's backend with the report DB schema at head. It is not
+    db_url itself, so a test may use migrated_customer_url and this one side by side."""
+    if db_url.startswith("sqlite"):
+        return migrated_url(f"sqlite:///{tmp_path / 'report.db'}", "report")
+    return migrated_url(request.getfixturevalue("pg_url_factory")(), "report")
