@@ -1,0 +1,742 @@
+"""The event logs: named streams of numbered, append-only JSON-lines segments in the spool.
+
+Inputs: records to append (type + fields) and positions to read from.
+Outputs: segment files on disk, and batches of complete lines with their positions.
+
+This module owns every path, append, roll-over, fsync and lock of the spool (Postfix's
+mail_queue.c idea: one module owns the queue). Nothing else writes under <spool>/streams.
+
+Layout::
+
+    <spool>/spool-id                         this spool's identity (consumers key positions by it)
+    <spool>/streams/<name>/000000000001.jsonl  segments, numbered, never renamed or truncated
+    <spool>/streams/<name>/writer.lock        flock held by the one writer of the stream
+
+Rules that make it crash-safe:
+- One writer per stream, enforced by flock on writer.lock (released by the kernel when the
+  writer dies, so a killed writer never blocks its successor).
+- One os.write() per record (or per group of records) on an O_APPEND descriptor: once append()
+  returns, the record is in the kernel and survives the death of the process.
+- A new writer continues the last segment only if it ends with a newline; a torn tail (writer
+  killed or disk full mid-write) is left as it is and the writer starts the next segment.
+  Readers only ever yield complete lines; a torn tail of a finished segment is reported to the
+  consumer (who shunts it), never parsed as a record.
+- A segment is finished (fsynced) before the next one is created, so a reader that sees segment
+  N+1 knows N is complete, and re-reads N's end once before moving on.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from connectd.settings import SpoolSettings
+
+RECORD_VERSION = 1
+SHUNT = "shunt"  # stream of records a consumer could not apply
+REPLAY = "replay"  # stream of shunted records put back by `connectd spool replay`
+SEGMENT_SUFFIX = ".jsonl"
+RESERVED = frozenset(("v", "id", "ts", "type"))
+_STREAM_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,99}$")
+_RECORD_TYPE = re.compile(r"^[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*$")
+_CHUNK = 1 << 20
+
+
+class SpoolError(Exception):
+    """A problem with the spool that the caller should report, not retry blindly."""
+
+
+class StreamLocked(SpoolError):
+    """Another process is already the writer of this stream."""
+
+
+class BadRecord(SpoolError, ValueError):
+    """A record that does not follow the record format (type, reserved keys, JSON)."""
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Position:
+    """Where a reader is: segment number and byte offset of the next unread line."""
+
+    segment: int
+    offset: int
+
+    def __str__(self) -> str:
+        return f"{self.segment}:{self.offset}"
+
+    @classmethod
+    def parse(cls, text: str) -> Position:
+        seg, _, off = text.partition(":")
+        return cls(int(seg), int(off or 0))
+
+
+START = Position(0, 0)  # before the first segment, whatever its number
+
+
+def validate_stream_name(name: str) -> str:
+    if not _STREAM_NAME.match(name):
+        raise SpoolError(f"bad stream name {name!r}: use lower-case letters, digits, '.', '_', '-'")
+    return name
+
+
+def now_ts() -> str:
+    """The record timestamp format: ISO 8601, UTC, microseconds, 'Z'."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+class _Ids:
+    """Globally unique, roughly time-ordered record ids: 48-bit milliseconds, 48 random bits
+    drawn once per process, a 32-bit counter. Unique across processes and hosts without any
+    coordination; sortable by time within a millisecond's resolution."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.pid = os.getpid()
+        self.node = int.from_bytes(os.urandom(6), "big")
+        self.counter = itertools.count(int.from_bytes(os.urandom(2), "big"))
+
+    def next(self) -> str:
+        if os.getpid() != self.pid:  # forked: a child must not repeat the parent's ids
+            self._reset()
+        return f"{int(time.time() * 1000):012x}{self.node:012x}{next(self.counter) & 0xFFFFFFFF:08x}"
+
+
+new_id = _Ids().next
+
+
+def make_record(type_: str, fields: dict[str, Any] | None = None, *, id: str | None = None,
+                ts: str | None = None) -> dict[str, Any]:
+    """A record dict: version, unique id, timestamp, `noun.verb` type, then the fields."""
+    if not _RECORD_TYPE.match(type_):
+        raise BadRecord(f"record type {type_!r} is not a past-tense noun.verb such as link.clicked")
+    rec: dict[str, Any] = {"v": RECORD_VERSION, "id": id or new_id(), "ts": ts or now_ts(),
+                           "type": type_}
+    if fields:
+        clash = RESERVED.intersection(fields)
+        if clash:
+            raise BadRecord(f"record fields may not use the reserved keys {sorted(clash)}")
+        rec.update(fields)
+    return rec
+
+
+def encode(rec: dict[str, Any]) -> bytes:
+    """One record as one line of JSON (no newline inside: JSON escapes them)."""
+    try:
+        return orjson.dumps(rec) + b"\n"
+    except TypeError as exc:
+        raise BadRecord(f"record not JSON-serialisable: {exc}") from None
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse one line; raise BadRecord with the reason if it is not a valid record."""
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise BadRecord(f"not valid JSON: {exc}") from None
+    if not isinstance(rec, dict):
+        raise BadRecord("not a JSON object")
+    if not isinstance(rec.get("type"), str) or not isinstance(rec.get("id"), str):
+        raise BadRecord("record lacks a string 'type' or 'id'")
+    return rec
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _segment_name(number: int) -> str:
+    return f"{number:012d}{SEGMENT_SUFFIX}"
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    number: int
+    path: Path
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    name: str
+    segments: list[SegmentInfo]
+    newest: dict[str, Any] | None  # the last complete record, decoded (None if empty/corrupt)
+
+    @property
+    def bytes(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    @property
+    def end(self) -> Position:
+        if not self.segments:
+            return START
+        last = self.segments[-1]
+        return Position(last.number, last.size)
+
+
+class Spool:
+    """A spool directory and its streams."""
+
+    def __init__(self, root: Path, settings: SpoolSettings | None = None) -> None:
+        self.root = Path(root)
+        self.settings = settings or SpoolSettings()
+        self.streams_dir = self.root / "streams"
+
+    # -- identity -------------------------------------------------------------------------
+    def create(self) -> bool:
+        """Create the spool directories and identity if missing; True if anything was made."""
+        made = not self.streams_dir.is_dir()
+        self.streams_dir.mkdir(parents=True, exist_ok=True)
+        id_path = self.root / "spool-id"
+        if id_path.exists():
+            return made
+        tmp = self.root / f".spool-id.{os.getpid()}"
+        with open(tmp, "w", encoding="ascii") as fh:
+            fh.write(os.urandom(8).hex() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())  # the id must be on disk before its name is
+        try:
+            os.link(tmp, id_path)  # atomic create-if-absent: two racing creators agree on one id
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+        _fsync_dir(self.root)  # the id's directory entry survives a crash
+        return True
+
+    @property
+    def spool_id(self) -> str:
+        id_path = self.root / "spool-id"
+        if not id_path.exists():
+            self.create()
+        return id_path.read_text(encoding="ascii").strip()
+
+    # -- streams --------------------------------------------------------------------------
+    def stream_dir(self, name: str) -> Path:
+        return self.streams_dir / validate_stream_name(name)
+
+    def streams(self) -> list[str]:
+        if not self.streams_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.streams_dir.iterdir()
+                      if p.is_dir() and _STREAM_NAME.match(p.name))
+
+    def segments(self, name: str) -> list[SegmentInfo]:
+        d = self.stream_dir(name)
+        out = []
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            return []
+        for e in entries:
+            if e.name.endswith(SEGMENT_SUFFIX) and e.name[:-len(SEGMENT_SUFFIX)].isdigit():
+                try:
+                    st = e.stat()
+                except FileNotFoundError:  # removed by gc while we looked
+                    continue
+                out.append(SegmentInfo(int(e.name[:-len(SEGMENT_SUFFIX)]), Path(e.path),
+                                       st.st_size, st.st_mtime))
+        out.sort(key=lambda s: s.number)
+        return out
+
+    def info(self, name: str) -> StreamInfo:
+        segs = self.segments(name)
+        newest = None
+        for seg in reversed(segs):
+            line = _last_complete_line(seg.path, seg.size)
+            if line is not None:
+                try:
+                    newest = decode(line)
+                except BadRecord:
+                    newest = None
+                break
+        return StreamInfo(name, segs, newest)
+
+    def writer(self, name: str, *, wait: bool = False, **overrides: Any) -> StreamWriter:
+        return StreamWriter(self, name, wait=wait, **overrides)
+
+    def reader(self, name: str, position: Position = START) -> StreamReader:
+        return StreamReader(self, name, position)
+
+    # -- shunt / lag / gc -----------------------------------------------------------------
+    def shunt(self, stream: str, position: Position, consumer: str, reason: str,
+              raw: bytes) -> None:
+        """Put a record that `consumer` could not apply on the shunt stream, durably, with the
+        reason and where it was. Any process may call this: it waits for the shunt lock."""
+        try:
+            original: Any = decode(raw)
+        except BadRecord:
+            original = raw.decode("utf-8", "backslashreplace")
+        with self.writer(SHUNT, wait=True, durability="always") as w:
+            w.append("record.shunted", {"stream": stream, "position": str(position),
+                                        "consumer": consumer, "reason": reason[:2000],
+                                        "record": original})
+
+    def lag(self, name: str, position: Position, now: float | None = None) -> tuple[int, float]:
+        """(records, seconds) a consumer at `position` is behind the end of the stream:
+        complete lines after it, and the age of the first of them (0 when caught up)."""
+        records = 0
+        first_ts: str | None = None
+        for seg in self.segments(name):
+            if seg.number < position.segment:
+                continue
+            start = position.offset if seg.number == position.segment else 0
+            if start >= seg.size:
+                continue
+            with open(seg.path, "rb") as fh:
+                fh.seek(start)
+                while chunk := fh.read(_CHUNK):
+                    if first_ts is None:
+                        nl = chunk.find(b"\n")
+                        if nl >= 0:
+                            try:
+                                first_ts = decode(chunk[:nl]).get("ts")
+                            except BadRecord:
+                                first_ts = None
+                    records += chunk.count(b"\n")
+        seconds = 0.0
+        if records and isinstance(first_ts, str):
+            try:
+                seconds = max(0.0, (now or time.time()) - parse_ts(first_ts).timestamp())
+            except ValueError:
+                seconds = 0.0
+        return records, seconds
+
+    def gc(self, name: str, positions: list[Position], retention: float | None = None,
+           now: float | None = None, dry_run: bool = False) -> list[SegmentInfo]:
+        """Remove the segments of `name` that every consumer in `positions` has passed and
+        that are older than the retention. The live (last) segment is never removed, nor is
+        anything when no consumer is known (nobody has said what they read)."""
+        retention = self.settings.retention if retention is None else retention
+        now = time.time() if now is None else now
+        segs = self.segments(name)
+        if not positions or len(segs) < 2:
+            return []
+        removed = []
+        for seg in segs[:-1]:
+            passed = all(p.segment > seg.number or (p.segment == seg.number and p.offset >= seg.size)
+                         for p in positions)
+            if not passed or now - seg.mtime < retention:
+                break  # keep order: never leave a hole before an unpassed segment
+            if not dry_run:
+                os.unlink(seg.path)
+            removed.append(seg)
+        if removed and not dry_run:
+            _fsync_dir(self.stream_dir(name))  # gc is not data: a crash here only re-keeps files
+        return removed
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from a watchdog thread) whenever a stream file changes; returns a
+        function that stops watching. Readers still poll: inotify can drop events."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        class _Handler(FileSystemEventHandler):
+            def on_any_event(self, event: Any) -> None:
+                callback()
+
+        self.streams_dir.mkdir(parents=True, exist_ok=True)
+        observer = Observer()
+        observer.schedule(_Handler(), str(self.streams_dir), recursive=True)
+        observer.daemon = True
+        observer.start()
+
+        def stop() -> None:
+            observer.stop()
+            observer.join(timeout=5)
+
+        return stop
+
+
+def _last_complete_line(path: Path, size: int) -> bytes | None:
+    """The last newline-terminated line of a file, read from its end."""
+    if size == 0:
+        return None
+    with open(path, "rb") as fh:
+        block = 65536
+        end = size
+        buf = b""
+        while end > 0:
+            start = max(0, end - block)
+            fh.seek(start)
+            buf = fh.read(end - start) + buf
+            end = start
+            last_nl = buf.rfind(b"\n")
+            if last_nl < 0:
+                continue
+            prev_nl = buf.rfind(b"\n", 0, last_nl)
+            if prev_nl >= 0 or start == 0:
+                return buf[prev_nl + 1:last_nl]
+        return None
+
+
+class StreamWriter:
+    """The one writer of a stream. Thread-safe. Use as a context manager or close() it."""
+
+    def __init__(self, spool: Spool, name: str, *, wait: bool = False,
+                 durability: str | None = None, segment_max_bytes: int | None = None,
+                 segment_max_age: float | None = None, group_commit_ms: int | None = None) -> None:
+        s = spool.settings
+        self.spool = spool
+        self.name = validate_stream_name(name)
+        self.dir = spool.stream_dir(name)
+        self.durability = durability or s.durability
+        self.max_bytes = segment_max_bytes or s.segment_max_bytes
+        self.max_age = segment_max_age if segment_max_age is not None else s.segment_max_age
+        self.group_commit = (group_commit_ms if group_commit_ms is not None else s.group_commit_ms) / 1000
+        self._lock = threading.Lock()
+        self._fd = -1
+        self._closed = False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = self._acquire(wait)
+        try:
+            self._open_segment()
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+        # group commit state: writes are numbered; the flusher fsyncs and publishes `synced`
+        self._written = 0
+        self._synced = 0
+        self._cond = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
+        if self.durability == "group":
+            self._flusher = threading.Thread(target=self._flush_loop, name=f"fsync-{name}",
+                                             daemon=True)
+            self._flusher.start()
+
+    # -- lock and segments ----------------------------------------------------------------
+    def _acquire(self, wait: bool) -> int:
+        path = self.dir / "writer.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            raise StreamLocked(f"stream {self.name!r} already has a writer (pid {holder}); "
+                               "only one process may append to a stream") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _open_segment(self) -> None:
+        segs = self.spool.segments(self.name)
+        if segs:
+            last = segs[-1]
+            if self._can_continue(last):
+                self._segment = last.number
+                self._fd = os.open(last.path, os.O_WRONLY | os.O_APPEND)
+                self._size = last.size
+                self._started = self._segment_start(last)
+                self._torn = False
+                return
+            self._create(last.number + 1)
+        else:
+            self._create(1)
+
+    def _can_continue(self, seg: SegmentInfo) -> bool:
+        if seg.size == 0:
+            return True
+        if seg.size >= self.max_bytes:
+            return False
+        with open(seg.path, "rb") as fh:
+            fh.seek(seg.size - 1)
+            return fh.read(1) == b"\n"  # a torn tail stays as it is; we start a new segment
+
+    def _segment_start(self, seg: SegmentInfo) -> float:
+        try:
+            with open(seg.path, "rb") as fh:
+                first = fh.readline()
+            return parse_ts(decode(first)["ts"]).timestamp()
+        except (BadRecord, KeyError, ValueError, TypeError):
+            return seg.mtime
+
+    def _create(self, number: int) -> None:
+        path = self.dir / _segment_name(number)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        _fsync_dir(self.dir)  # the new segment's name survives a crash, with what we put in it
+        self._segment = number
+        self._size = 0
+        self._started = time.time()
+        self._torn = False
+
+    def _roll(self) -> None:
+        # finish the old segment before the next exists: a reader that sees N+1 may rely on N
+        # being complete, even after a machine crash
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = -1
+        self._create(self._segment + 1)
+
+    @property
+    def position(self) -> Position:
+        """The end of what this writer has written."""
+        return Position(self._segment, self._size)
+
+    # -- appends --------------------------------------------------------------------------
+    def append(self, type_: str, fields: dict[str, Any] | None = None, *, sync: bool = False,
+               id: str | None = None, ts: str | None = None) -> dict[str, Any]:
+        """Append one record; returns it (with its id and ts). When this returns, the record
+        is in the kernel (safe from the death of this process); with sync=True also on disk."""
+        rec = make_record(type_, fields, id=id, ts=ts)
+        self.write_lines(encode(rec), sync=sync)
+        return rec
+
+    def append_many(self, items: list[tuple[str, dict[str, Any] | None]], *,
+                    sync: bool = False) -> list[dict[str, Any]]:
+        """Append several records with one write (they land together or, if the process dies
+        mid-write, the tail is torn and never read as a record)."""
+        recs = [make_record(t, f) for t, f in items]
+        self.write_lines(b"".join(encode(r) for r in recs), sync=sync)
+        return recs
+
+    def write_lines(self, data: bytes, *, sync: bool = False) -> None:
+        """Append already-encoded, newline-terminated records (for producers that batch)."""
+        if not data.endswith(b"\n"):
+            raise BadRecord("encoded records must end with a newline")
+        with self._lock:
+            if self._closed:
+                raise SpoolError(f"writer of {self.name!r} is closed")
+            self._maybe_roll(len(data))
+            self._write_all(data)
+            self._written += 1
+            ticket = self._written
+            if self.durability == "always" or (sync and self.durability == "none"):
+                os.fdatasync(self._fd)
+                self._synced = ticket
+            elif sync:  # group: wait for the flusher's next fsync to cover this write
+                self._cond.notify_all()
+                while self._synced < ticket and not self._closed:
+                    self._cond.wait(1.0)
+
+    def _maybe_roll(self, incoming: int) -> None:
+        if self._torn:
+            self._roll()
+        elif self._size > 0 and (self._size + incoming > self.max_bytes
+                                 or time.time() - self._started >= self.max_age):
+            self._roll()
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(data):
+                n = os.write(self._fd, view[written:])
+                written += n
+                self._size += n
+        except OSError as exc:
+            if written:
+                # part of a record is in the file: never append after it again
+                self._torn = True
+            if exc.errno == errno.ENOSPC:
+                raise SpoolError(f"stream {self.name!r}: disk full; record not written") from exc
+            raise
+
+    def tick(self) -> None:
+        """Roll an idle segment that has grown too old (daemons call this periodically)."""
+        with self._lock:
+            if not self._closed and self._size > 0 and time.time() - self._started >= self.max_age:
+                self._roll()
+
+    def sync(self) -> None:
+        """fsync now: everything appended so far is on disk when this returns."""
+        with self._lock:
+            if self._fd >= 0:
+                os.fdatasync(self._fd)
+                self._synced = self._written
+                self._cond.notify_all()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._synced == self._written and not self._closed:
+                    self._cond.wait(self.group_commit or 0.005)
+                if self._closed:
+                    return
+                target = self._written
+                fd = self._fd
+            # fsync outside the lock so appends go on meanwhile (group commit)
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                continue  # the fd was rolled away (already fsynced by _roll); next round
+            with self._lock:
+                if self._synced < target:
+                    self._synced = target
+                self._cond.notify_all()
+            time.sleep(self.group_commit)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if self._fd >= 0:
+                os.fsync(self._fd)  # a clean stop leaves everything on disk
+                os.close(self._fd)
+                self._fd = -1
+            self._closed = True
+            self._synced = self._written
+            self._cond.notify_all()
+        if self._flusher:
+            self._flusher.join(timeout=5)
+        os.close(self._lock_fd)  # releases the flock: the next writer may start
+
+    def __enter__(self) -> StreamWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@dataclass
+class Batch:
+    """Complete lines read from one segment, starting at `start`; `end` is the position after
+    the last of them. `torn` is an incomplete tail of a finished segment (writer died or disk
+    filled mid-write): not a record; the consumer shunts it and moves on."""
+
+    start: Position
+    end: Position
+    lines: list[bytes] = field(default_factory=list)
+    torn: bytes | None = None
+
+    def positions(self) -> list[Position]:
+        """The position of each line (computed on demand: only needed to shunt)."""
+        out = []
+        off = self.start.offset
+        for line in self.lines:
+            out.append(Position(self.start.segment, off))
+            off += len(line) + 1
+        return out
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+class StreamReader:
+    """Reads complete lines of a stream from a position, following roll-overs."""
+
+    def __init__(self, spool: Spool, name: str, position: Position = START) -> None:
+        self.spool = spool
+        self.name = validate_stream_name(name)
+        self.position = position
+        self._fh: Any = None
+        self._fh_segment = -1
+
+    def close(self) -> None:
+        if self._fh:
+            self._fh.close()
+            self._fh = None
+
+    def _open(self, number: int) -> bool:
+        if self._fh_segment == number and self._fh:
+            return True
+        self.close()
+        try:
+            self._fh = open(self.spool.stream_dir(self.name) / _segment_name(number), "rb")
+        except FileNotFoundError:
+            return False
+        self._fh_segment = number
+        return True
+
+    def _next_segment(self, after: int) -> int | None:
+        later = [s.number for s in self.spool.segments(self.name) if s.number > after]
+        return min(later) if later else None
+
+    def read(self, max_records: int = 1000) -> Batch | None:
+        """The next batch of at most max_records complete lines (from one segment), or None
+        when there is nothing new. Advances self.position past what it returns."""
+        while True:
+            pos = self.position
+            if pos.segment == 0 or not self._open(pos.segment):
+                nxt = self._next_segment(pos.segment)
+                if nxt is None:
+                    return None
+                self.position = Position(nxt, 0)
+                continue
+            batch = self._read_from(pos, max_records)
+            if batch is not None:
+                return batch
+            # nothing complete after pos in this segment: is the segment finished?
+            nxt = self._next_segment(pos.segment)
+            if nxt is None:
+                return None
+            # N+1 exists, so N was complete before it was created: read N's end once more
+            batch = self._read_from(pos, max_records)
+            if batch is not None:
+                return batch
+            self._fh.seek(pos.offset)
+            tail = self._fh.read()
+            self.position = Position(nxt, 0)
+            if tail:
+                return Batch(pos, Position(nxt, 0), [], torn=tail)
+
+    def _read_from(self, pos: Position, max_records: int) -> Batch | None:
+        fh = self._fh
+        fh.seek(pos.offset)
+        lines: list[bytes] = []
+        offset = pos.offset
+        buf = b""
+        while len(lines) < max_records:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                break
+            buf += chunk
+            last_nl = buf.rfind(b"\n")
+            if last_nl < 0:
+                continue
+            complete, buf = buf[:last_nl], buf[last_nl + 1:]
+            parts = complete.split(b"\n")
+            room = max_records - len(lines)
+            if len(parts) > room:
+                parts = parts[:room]
+                lines.extend(parts)
+                offset += sum(map(len, parts)) + len(parts)
+                break
+            lines.extend(parts)
+            offset += len(complete) + 1
+        if not lines:
+            return None
+        end = Position(pos.segment, offset)
+        self.position = end
+        return Batch(pos, end, lines)
+
+    def records(self) -> Iterator[tuple[Position, dict[str, Any] | None, bytes]]:
+        """(position, record or None if undecodable, raw line) for everything there is now."""
+        while (batch := self.read(1000)) is not None:
+            for pos, line in zip(batch.positions(), batch.lines, strict=True):
+                try:
+                    yield pos, decode(line), line
+                except BadRecord:
+                    yield pos, None, line
+            if batch.torn:
+                yield batch.start, None, batch.torn
+
+    def __enter__(self) -> StreamReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
