@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, String
+from sqlalchemy import BigInteger, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
+
+from connectd.db.types import UtcDateTime
 
 
 class ConsumerPositionMixin:
@@ -21,5 +23,5 @@ class ConsumerPositionMixin:
     segment: Mapped[int] = mapped_column(Integer, nullable=False)
     offset: Mapped[int] = mapped_column(BigInteger, nullable=False)
     records: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)  # applied so far
-    last_record_ts: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    last_record_ts: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)

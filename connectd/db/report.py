@@ -1,22 +1,30 @@
 """Report DB models: per-message facts (one row per message instance and customer, and per
 link) and the aggregates that reports read. Written only by the profiler's report consumer.
 
+Inputs: none (declarations). Outputs: `ReportBase.metadata` and the ORM classes.
+
 Unique counts are counted from the fact rows (a customer who clicked twice has one row with
-click_count 2); totals per hour are kept as aggregates.
+click_count 2); totals per hour are kept as aggregates, and `event_totals` holds the totals
+per message instance, segment and event kind that the campaign summary reads without scanning
+facts. `report_instances` and `report_segments` copy the names the reports show, so the report
+DB answers on its own (it may live on another server than the customer DB).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Integer, String
+from sqlalchemy import BigInteger, Integer, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from connectd.db.common import ConsumerPositionMixin
+from connectd.db.types import UtcDateTime, metadata, utcnow
+
+NO_SEGMENT = 0  # event_totals.segment_id for events of customers outside any segment
 
 
 class ReportBase(DeclarativeBase):
-    pass
+    metadata = metadata()
 
 
 class ConsumerPosition(ConsumerPositionMixin, ReportBase):
@@ -31,13 +39,22 @@ class MessageFact(ReportBase):
     instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     segment_id: Mapped[int | None] = mapped_column(BigInteger)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     open_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    first_open_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_open_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    first_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     click_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    first_click_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_click_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    first_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # outcomes after sending (nullable or defaulted, so existing inserts need not name them)
+    failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # rejected at hand-off
+    bounced_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    bounce_kind: Mapped[str | None] = mapped_column(String(8))  # hard | soft
+    reply_count: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0")
+    last_reply_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    unsubscribed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    complained_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class LinkFact(ReportBase):
@@ -49,8 +66,8 @@ class LinkFact(ReportBase):
     link_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     click_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    first_click_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_click_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    first_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class HourlyCount(ReportBase):
@@ -59,6 +76,49 @@ class HourlyCount(ReportBase):
     __tablename__ = "hourly_counts"
 
     instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    hour: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UtcDateTime, primary_key=True)
     event: Mapped[str] = mapped_column(String(64), primary_key=True)
     total: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class EventTotal(ReportBase):
+    """Totals per message instance, segment (NO_SEGMENT = none) and event kind (`mail.sent`,
+    `link.clicked`, ...): `total` counts every event, `uniques` the customers with at least
+    one (the applier bumps it when a fact row sees its first event of that kind)."""
+
+    __tablename__ = "event_totals"
+
+    instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    segment_id: Mapped[int] = mapped_column(
+        BigInteger, primary_key=True, default=NO_SEGMENT, server_default=text("0"))
+    event: Mapped[str] = mapped_column(String(64), primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    uniques: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    first_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class ReportInstance(ReportBase):
+    """The names a report shows for a message instance (copied when it is launched)."""
+
+    __tablename__ = "report_instances"
+
+    instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    message_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    campaign_id: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    campaign_name: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
+    message_name: Mapped[str] = mapped_column(String(200), nullable=False)
+    message_kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False, default=utcnow)
+
+
+class ReportSegment(ReportBase):
+    """The name and order of a segment, for reports broken down by segment."""
+
+    __tablename__ = "report_segments"
+
+    segment_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    campaign_id: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    name: Mapped[str] = mapped_column(String(200), nullable=False)

@@ -1,0 +1,112 @@
+"""report DB: initial schema.
+
+Revision ID: report_0001
+Revises: (none)
+
+"""
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+# revision identifiers, used by Alembic.
+revision: str = 'report_0001'
+down_revision: str | Sequence[str] | None = None
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    op.create_table('consumer_positions',
+    sa.Column('spool_id', sa.String(length=64), nullable=False),
+    sa.Column('stream', sa.String(length=128), nullable=False),
+    sa.Column('consumer', sa.String(length=64), nullable=False),
+    sa.Column('segment', sa.Integer(), nullable=False),
+    sa.Column('offset', sa.BigInteger(), nullable=False),
+    sa.Column('records', sa.BigInteger(), nullable=False),
+    sa.Column('last_record_ts', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('spool_id', 'stream', 'consumer', name=op.f('pk_consumer_positions'))
+    )
+    op.create_table('event_totals',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('segment_id', sa.BigInteger(), server_default=sa.text('0'), nullable=False),
+    sa.Column('event', sa.String(length=64), nullable=False),
+    sa.Column('total', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('uniques', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('first_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_at', sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('instance_id', 'segment_id', 'event', name=op.f('pk_event_totals'))
+    )
+    op.create_table('hourly_counts',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('hour', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('event', sa.String(length=64), nullable=False),
+    sa.Column('total', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('instance_id', 'hour', 'event', name=op.f('pk_hourly_counts'))
+    )
+    op.create_table('link_facts',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('link_id', sa.BigInteger(), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=False),
+    sa.Column('click_count', sa.Integer(), nullable=False),
+    sa.Column('first_click_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_click_at', sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('instance_id', 'link_id', 'customer_id', name=op.f('pk_link_facts'))
+    )
+    op.create_table('message_facts',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=False),
+    sa.Column('segment_id', sa.BigInteger(), nullable=True),
+    sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('open_count', sa.Integer(), nullable=False),
+    sa.Column('first_open_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_open_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('click_count', sa.Integer(), nullable=False),
+    sa.Column('first_click_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_click_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('failed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('bounced_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('bounce_kind', sa.String(length=8), nullable=True),
+    sa.Column('reply_count', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('last_reply_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('unsubscribed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('complained_at', sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('instance_id', 'customer_id', name=op.f('pk_message_facts'))
+    )
+    op.create_table('report_instances',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('message_id', sa.BigInteger(), nullable=False),
+    sa.Column('campaign_id', sa.BigInteger(), nullable=False),
+    sa.Column('campaign_name', sa.String(length=200), nullable=False),
+    sa.Column('message_name', sa.String(length=200), nullable=False),
+    sa.Column('message_kind', sa.String(length=16), nullable=False),
+    sa.Column('started_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('instance_id', name=op.f('pk_report_instances'))
+    )
+    op.create_index(op.f('ix_report_instances_campaign_id'), 'report_instances', ['campaign_id'])
+    op.create_index(op.f('ix_report_instances_campaign_name'), 'report_instances', ['campaign_name'])
+    op.create_table('report_segments',
+    sa.Column('segment_id', sa.BigInteger(), nullable=False),
+    sa.Column('campaign_id', sa.BigInteger(), nullable=False),
+    sa.Column('position', sa.Integer(), nullable=False),
+    sa.Column('name', sa.String(length=200), nullable=False),
+    sa.PrimaryKeyConstraint('segment_id', name=op.f('pk_report_segments'))
+    )
+    op.create_index(op.f('ix_report_segments_campaign_id'), 'report_segments', ['campaign_id'])
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    op.drop_index(op.f('ix_report_segments_campaign_id'), table_name='report_segments')
+    op.drop_table('report_segments')
+    op.drop_index(op.f('ix_report_instances_campaign_name'), table_name='report_instances')
+    op.drop_index(op.f('ix_report_instances_campaign_id'), table_name='report_instances')
+    op.drop_table('report_instances')
+    op.drop_table('message_facts')
+    op.drop_table('link_facts')
+    op.drop_table('hourly_counts')
+    op.drop_table('event_totals')
+    op.drop_table('consumer_positions')
