@@ -23,6 +23,9 @@ def make_engine(url: str, echo: bool = False, **kw: Any) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            # let SQLAlchemy, not pysqlite, decide where transactions begin (so SAVEPOINT
+            # works and a writer can ask for BEGIN IMMEDIATE, below)
+            dbapi_conn.isolation_level = None
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=NORMAL")
@@ -30,8 +33,21 @@ def make_engine(url: str, echo: bool = False, **kw: Any) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # Writers that read before they write take the write lock up front: a deferred
+            # transaction that must upgrade fails at once with "database is locked" when
+            # another daemon wrote meanwhile, instead of waiting for the busy timeout.
+            immediate = conn.get_execution_options().get("sqlite_immediate")
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
         return engine
     return create_engine(parsed, echo=echo, pool_pre_ping=True, **kw)
+
+
+def writer(engine: Engine) -> Engine:
+    """The same engine, for transactions that will write (BEGIN IMMEDIATE on SQLite)."""
+    return engine.execution_options(sqlite_immediate=True)
 
 
 def is_sqlite(engine: Engine) -> bool:

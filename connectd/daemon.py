@@ -1,0 +1,150 @@
+"""The one run loop every connectd daemon uses.
+
+Inputs: a subclass's setup()/step()/periodic()/teardown(), signals, watchdog wake-ups.
+Outputs: calls to those methods in the right order, sd_notify messages, one exit status.
+
+- step() does one unit of work and returns how many items it handled; the loop sleeps only
+  when it returned 0, and wakes early on wake() (watchdog events, other threads) or a signal.
+- Signal handlers only put the signal on a queue (Gunicorn's arbiter idea). The loop reads it
+  between steps: TERM/INT finish the current step (its commit included) and exit 0; HUP calls
+  reload(); USR1 calls reopen().
+- Under systemd (NOTIFY_SOCKET set): READY=1 after setup, WATCHDOG=1 from the loop (so a
+  wedged loop gets restarted), STOPPING=1 on the way out.
+- run_until_idle() (the CLI's --once, and what tests use) steps until a step does nothing.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+from connectd import log, sdnotify
+from connectd.settings import Settings
+
+_HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+class Daemon:
+    """Base class: subclass, set `name`, implement step()."""
+
+    name = "daemon"
+    periodic_interval = 10.0  # seconds between periodic() calls
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log = log.get(daemon=self.name)
+        self._wake = threading.Event()
+        self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._stopping = False
+
+    # -- for subclasses -------------------------------------------------------------------
+    def setup(self) -> None:
+        """Open what the daemon needs (databases, streams, sockets)."""
+
+    def step(self) -> int:
+        """Do one unit of work; return the number of items handled (0 = idle)."""
+        raise NotImplementedError
+
+    def periodic(self) -> None:
+        """Housekeeping every periodic_interval seconds (roll old segments, heartbeats)."""
+
+    def teardown(self) -> None:
+        """Close what setup() opened; called once, also after an error."""
+
+    def reload(self) -> None:
+        """SIGHUP: re-read what is safe to re-read (rules, templates). Default: nothing."""
+        self.log.info("reload", what="nothing to reload")
+
+    def reopen(self) -> None:
+        """SIGUSR1: reopen log files (after logrotate). Default: nothing to reopen."""
+
+    # -- control --------------------------------------------------------------------------
+    def wake(self) -> None:
+        """Thread-safe: end the current idle sleep now."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Thread-safe: finish the current step and leave run()."""
+        self._stopping = True
+        self._wake.set()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self._signals.put(signum)  # no work in a signal handler: the loop handles it
+        self._wake.set()
+
+    def _handle_signals(self) -> None:
+        while not self._signals.empty():
+            signum = self._signals.get()
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                if not self._stopping:
+                    self.log.info("stopping", signal=signal.Signals(signum).name)
+                self._stopping = True
+            elif signum == signal.SIGHUP:
+                sdnotify.reloading()
+                self.reload()
+                sdnotify.ready()
+            elif signum == signal.SIGUSR1:
+                self.reopen()
+
+    def run(self) -> int:
+        """Run until TERM/INT (or stop()); returns the exit status (0)."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in _HANDLED:
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            self.setup()
+            try:
+                return self._loop()
+            finally:
+                sdnotify.stopping()
+                self.teardown()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _loop(self) -> int:
+        settings = self.settings.daemon
+        wd = sdnotify.watchdog_interval()
+        ping_every = min(wd, settings.watchdog_interval) if wd else settings.watchdog_interval
+        next_periodic = time.monotonic() + self.periodic_interval
+        next_ping = 0.0
+        sdnotify.ready(f"{self.name} running")
+        self.log.info("started")
+        while True:
+            self._handle_signals()
+            if self._stopping:
+                self.log.info("stopped")
+                return 0
+            done = self.step()
+            now = time.monotonic()
+            if now >= next_periodic:
+                self.periodic()
+                next_periodic = now + self.periodic_interval
+            if now >= next_ping:
+                sdnotify.watchdog()
+                next_ping = now + ping_every
+            if done == 0 and self._signals.empty() and not self._stopping:
+                self._wake.wait(min(settings.idle_sleep, max(0.0, next_periodic - now)))
+                self._wake.clear()
+
+    def run_until_idle(self, max_steps: int | None = None) -> int:
+        """setup(), step() until a step handles nothing (or max_steps), teardown().
+        Returns the number of items handled."""
+        total = 0
+        self.setup()
+        try:
+            steps = 0
+            while max_steps is None or steps < max_steps:
+                done = self.step()
+                steps += 1
+                total += done
+                if done == 0:
+                    break
+            self.periodic()
+        finally:
+            self.teardown()
+        return total
