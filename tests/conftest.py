@@ -142,37 +142,49 @@ def pg_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def pg_url_factory(pg_server: str) -> Iterator[Callable[[], str]]:
+def pg_url_factory(pg_server: str) -> Iterator[Callable[..., str]]:
     """pg_url_factory() -> the URL of a brand-new empty PostgreSQL database (dropped at the
-    end of the session)."""
+    end of the session); pg_url_factory(template=NAME) copies database NAME instead."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
     from sqlalchemy.pool import NullPool
 
     admin = create_engine(pg_server, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as conn:
+        version = int(conn.execute(text("SHOW server_version_num")).scalar_one())
+    # FILE_COPY (PostgreSQL 15+) copies a small database much faster than the WAL_LOG default.
+    strategy = " STRATEGY FILE_COPY" if version >= 150000 else ""
     counter = itertools.count(1)
     created: list[str] = []
 
-    def new_database() -> str:
+    def new_database(template: str | None = None) -> str:
         name = f"connectd_test_{os.getpid()}_{next(counter)}_{uuid.uuid4().hex[:6]}"
+        source = f' TEMPLATE "{template}"' if template else ""
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
+            conn.execute(text(f'CREATE DATABASE "{name}"{source}{strategy}'))
         created.append(name)
         return make_url(pg_server).set(database=name).render_as_string(hide_password=False)
 
     yield new_database
     # Engines of finished tests may still hold pooled connections; FORCE ends them.
     with admin.connect() as conn:
-        for name in created:
+        for name in reversed(created):
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
 
 
 @pytest.fixture(params=[pytest.param("sqlite", id="sqlite"),
                         pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty database URL: a SQLite file under tmp_path, or a new PostgreSQL database."""
-    if request.param == "sqlite":
+def db_backend(request: pytest.FixtureRequest) -> str:
+    """"sqlite" or "postgresql": every database fixture of one test uses the same backend."""
+    return request.param
+
+
+@pytest.fixture
+def db_url(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database URL: a SQLite file under tmp_path, or a new PostgreSQL database.
+    Parametrised: each test using it runs as [sqlite] and [postgresql]."""
+    if db_backend == "sqlite":
         return f"sqlite:///{tmp_path / 'test.db'}"
     return request.getfixturevalue("pg_url_factory")()
 
@@ -186,20 +198,54 @@ def migrated_url(url: str, which: str) -> str:
     try:
         migrate.upgrade(engine, which)  # type: ignore[arg-type]
     finally:
-        engine.dispose()
+        engine.dispose()  # also checkpoints SQLite's WAL into the file, so it can be copied
     return url
 
 
-@pytest.fixture
-def migrated_customer_url(db_url: str) -> str:
-    """db_url with the customer DB schema at head (SQLite and PostgreSQL)."""
-    return migrated_url(db_url, "customer")
+@pytest.fixture(scope="session")
+def migrated_templates(request: pytest.FixtureRequest,
+                       tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], str]:
+    """(backend, which) -> a database at head, made once per session, to copy from: a SQLite
+    file path, or a PostgreSQL database name (a CREATE DATABASE ... TEMPLATE source)."""
+    from sqlalchemy.engine import make_url
+
+    made: dict[tuple[str, str], str] = {}
+    root = tmp_path_factory.mktemp("migrated-templates")
+
+    def template(backend: str, which: str) -> str:
+        key = (backend, which)
+        if key not in made:
+            if backend == "sqlite":
+                path = root / f"{which}.db"
+                migrated_url(f"sqlite:///{path}", which)
+                made[key] = str(path)
+            else:
+                # looked up only now, so SQLite-only runs never start PostgreSQL
+                url = migrated_url(request.getfixturevalue("pg_url_factory")(), which)
+                made[key] = str(make_url(url).database)
+        return made[key]
+
+    return template
+
+
+def _migrated_copy(db_backend: str, which: str, request: pytest.FixtureRequest,
+                   tmp_path: Path) -> str:
+    template = request.getfixturevalue("migrated_templates")(db_backend, which)
+    if db_backend == "sqlite":
+        path = tmp_path / f"{which}.db"
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+    return request.getfixturevalue("pg_url_factory")(template=template)
 
 
 @pytest.fixture
-def migrated_report_url(db_url: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database of db_url's backend with the report DB schema at head. It is not
-    db_url itself, so a test may use migrated_customer_url and this one side by side."""
-    if db_url.startswith("sqlite"):
-        return migrated_url(f"sqlite:///{tmp_path / 'report.db'}", "report")
-    return migrated_url(request.getfixturevalue("pg_url_factory")(), "report")
+def migrated_customer_url(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh customer DB at head (a copy of a once-migrated template), on db_backend."""
+    return _migrated_copy(db_backend, "customer", request, tmp_path)
+
+
+@pytest.fixture
+def migrated_report_url(db_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh report DB at head, on db_backend; a separate database from
+    migrated_customer_url, so a test may use both side by side."""
+    return _migrated_copy(db_backend, "report", request, tmp_path)
