@@ -5,7 +5,8 @@ import: a CSV file (header row; an `email` column found case-insensitively, any 
   one `line N: reason` per bad row (skipped), a summary. It streams: records are read, checked
   and written `--batch-size` at a time, one transaction per batch, so memory stays flat and a
   killed import keeps every committed batch; re-running the same file is harmless.
-export: customers -> CSV (email, then every attribute of attribute_defs, sorted by name).
+export: customers -> CSV (email, then every attribute of attribute_defs sorted by name, each
+  header cell "name:type"; an absent attribute is an empty cell).
 
 Rules a user can rely on (also in `connectd customers import --help`):
 - Attribute types: `--type NAME=TYPE` or a header suffix `age:integer` declares one; else the
@@ -48,6 +49,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from connectd import log
 from connectd.core import attributes as attrs
 from connectd.db.customer import AttributeDef, Customer
+from connectd.db.engine import writer as write_engine
 
 EX_DATAERR = 65  # sysexits.h: the input data was incorrect (header)
 EX_NOINPUT = 66  # sysexits.h: an input file did not exist or was not readable
@@ -311,7 +313,7 @@ def import_csv(engine: Engine, source: IO[bytes], *, name: str = "-",
 
     # Sample the first records for type inference; they are processed after, in order.
     sample = [rec for _, rec in zip(range(infer_rows), records, strict=False)]
-    with engine.begin() as conn:
+    with write_engine(engine).begin() as conn:
         existing = load_definitions(conn)
         columns, new = resolve_types(header, existing,
                                      [f for _, f, _ in sample if f is not None])
@@ -368,7 +370,8 @@ def _chain(first: Iterable[Any], rest: Iterable[Any]) -> Iterator[Any]:
 def _flush(engine: Engine, writer: Writer, batch: dict[str, tuple[str, dict[str, object]]],
            started: datetime, summary: ImportSummary) -> None:
     """One transaction: count what exists, then upsert the whole batch."""
-    with engine.begin() as conn:
+    # BEGIN IMMEDIATE on SQLite: this transaction reads, then writes (see db.engine.writer).
+    with write_engine(engine).begin() as conn:
         found = writer.existing(conn, list(batch), started)
         writer.upsert(conn, batch, datetime.now(UTC))
     mine = sum(found.values())
@@ -381,11 +384,15 @@ def _flush(engine: Engine, writer: Writer, batch: dict[str, tuple[str, dict[str,
 
 
 def export_csv(engine: Engine, out: IO[str], batch_size: int = 5000) -> int:
-    """Write every customer as CSV (email, then attribute_defs names sorted) -> rows written."""
+    """Write every customer as CSV (email, then "name:type" of attribute_defs, sorted by name)
+    -> rows written. Reads in server-side batches of `batch_size`."""
     with engine.connect() as conn:
-        names = sorted(load_definitions(conn))
+        types = load_definitions(conn)
+        names = sorted(types)
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["email", *names])
+        # "age:integer": the header carries the types, so the file imports back unchanged
+        # even into a database that has never seen these attributes.
+        writer.writerow(["email", *(f"{n}:{types[n]}" for n in names)])
         result = conn.execution_options(stream_results=True, yield_per=batch_size).execute(
             select(Customer.email, Customer.attributes).order_by(Customer.id))
         count = 0
@@ -539,8 +546,8 @@ def import_command(file: str, types: tuple[str, ...], errors_path: Path | None, 
 def export_command(file: Path | None, batch_size: int) -> None:
     """Write every customer as CSV to FILE (default stdout): email, then each attribute.
 
-    Attribute columns are every name in attribute_defs, sorted; the output imports back
-    unchanged. FILE is written under a temporary name and renamed when complete.
+    Attribute columns are every name in attribute_defs, sorted, headed "name:type"; the output
+    imports back unchanged. FILE is written under a temporary name and renamed when complete.
     """
     engine = _engine()
     try:

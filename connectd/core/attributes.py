@@ -49,7 +49,7 @@ _INFER_BOOL = frozenset({"true", "false", "yes", "no"})
 # of letters, digits and hyphens (1-63 each, no leading or trailing hyphen), non-ASCII letters
 # allowed for internationalised domains; the last label is not all digits.
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_LABEL_RE = re.compile(r"^(?:[^\W_]|[^\W_][\w-]{0,61}[^\W_])$")
+_LABEL_RE = re.compile(r"^(?:[^\W_]|[^\W_](?:[^\W_]|-){0,61}[^\W_])$")
 
 
 class BadAttribute(ValueError):
@@ -191,6 +191,8 @@ def _looks_integer(text: str) -> bool:
 
 
 def _looks_number(text: str) -> bool:
+    if _INFER_INT_RE.match(text):
+        return _looks_integer(text)  # a long digit string is an identifier, not a float
     return bool(_INFER_NUMBER_RE.match(text)) and math.isfinite(float(text))
 
 
@@ -204,7 +206,7 @@ def _parses(parse, text: str) -> bool:
 
 _INFER_ORDER = (
     ("integer", _looks_integer),
-    ("number", lambda t: _looks_integer(t) or _looks_number(t)),
+    ("number", _looks_number),
     ("boolean", lambda t: t.lower() in _INFER_BOOL),
     ("date", lambda t: _parses(_parse_date, t)),
     ("datetime", lambda t: _parses(_parse_datetime, t)),
