@@ -86,7 +86,8 @@ START = Position(0, 0)  # before the first segment, whatever its number
 
 
 def validate_stream_name(name: str) -> str:
-    if not _STREAM_NAME.match(name):
+    # fullmatch, not match: "$" also matches before a trailing newline ("shunt\n")
+    if not isinstance(name, str) or not _STREAM_NAME.fullmatch(name):
         raise SpoolError(f"bad stream name {name!r}: use lower-case letters, digits, '.', '_', '-'")
     return name
 
@@ -125,7 +126,7 @@ new_id = _Ids().next
 def make_record(type_: str, fields: dict[str, Any] | None = None, *, id: str | None = None,
                 ts: str | None = None) -> dict[str, Any]:
     """A record dict: version, unique id, timestamp, `noun.verb` type, then the fields."""
-    if not _RECORD_TYPE.match(type_):
+    if not isinstance(type_, str) or not _RECORD_TYPE.fullmatch(type_):
         raise BadRecord(f"record type {type_!r} is not a past-tense noun.verb such as link.clicked")
     rec: dict[str, Any] = {"v": RECORD_VERSION, "id": id or new_id(), "ts": ts or now_ts(),
                            "type": type_}
@@ -241,7 +242,7 @@ class Spool:
         if not self.streams_dir.is_dir():
             return []
         return sorted(p.name for p in self.streams_dir.iterdir()
-                      if p.is_dir() and _STREAM_NAME.match(p.name))
+                      if p.is_dir() and _STREAM_NAME.fullmatch(p.name))
 
     def segments(self, name: str) -> list[SegmentInfo]:
         d = self.stream_dir(name)
@@ -477,7 +478,13 @@ class StreamWriter:
 
     def _create(self, number: int) -> None:
         path = self.dir / _segment_name(number)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SpoolError(f"stream {self.name!r}: disk full; cannot start segment "
+                                 f"{number}") from exc
+            raise
         _fsync_dir(self.dir)  # the new segment's name survives a crash, with what we put in it
         self._segment = number
         self._size = 0
@@ -488,9 +495,11 @@ class StreamWriter:
         # finish the old segment before the next exists: a reader that sees N+1 may rely on N
         # being complete, even after a machine crash
         os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
+        old = self._fd
+        # keep the old descriptor until the new segment exists: if creating it fails (disk
+        # full), the writer stays consistent (still torn or full) and the next append retries
         self._create(self._segment + 1)
+        os.close(old)
 
     @property
     def position(self) -> Position:
