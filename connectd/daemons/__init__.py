@@ -1,11 +1,45 @@
-"""The daemons and `connectd run NAME` (stub)."""
+"""The daemons, and `connectd run NAME`.
+
+DAEMONS lists the daemons that exist in this build, in the order `connectd up` starts them;
+later issues add theirs (web, manager, composer, tracker, receiver, processor, sink).
+"""
+
+from __future__ import annotations
+
+import sys
 
 import click
 
+DAEMONS: dict[str, str] = {
+    "profiler": "applies every event stream to the customer and report databases",
+}
+
+
+def _daemon_class(name: str) -> type:
+    if name == "profiler":
+        from connectd.daemons.profiler import Profiler
+        return Profiler
+    raise KeyError(name)
+
 
 @click.command("run")
-@click.argument("name")
-@click.option("--once", is_flag=True)
+@click.argument("name", type=click.Choice(sorted(DAEMONS)), metavar="NAME")
+@click.option("--once", is_flag=True,
+              help="Work until there is nothing left to do, then exit (for cron and tests).")
 def run_command(name: str, once: bool) -> None:
-    """Run one daemon in the foreground."""
-    raise click.ClickException("not implemented yet")
+    """Run one daemon (NAME) in the foreground, as systemd and `connectd up` do.
+
+    \b
+    Daemons in this build:
+    """
+    ctx = click.get_current_context().obj
+    daemon = _daemon_class(name)(ctx.settings)
+    if once:
+        n = daemon.run_until_idle()
+        click.echo(f"{name}: {n} items done", err=True)
+        return
+    sys.exit(daemon.run())
+
+
+run_command.help = (run_command.help or "") + "".join(
+    f"\b\n      {n:<10} {d}\n" for n, d in DAEMONS.items())
