@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,8 @@ CHILD = textwrap.dedent("""
         time.sleep(float(mode[len("fail-after-"):]))
         sys.exit(1)
     while True:
+        if mode == "chatty":
+            print("tick", flush=True)
         time.sleep(0.05)
 """)
 
@@ -325,6 +328,31 @@ def test_notifies_ready_and_hides_notify_socket_from_children(run) -> None:
         finally:
             os.unlink(path)
     assert r.child_events("a")[0].endswith("notify=")
+
+
+def test_example_logrotate_rotates_a_live_log(run, tmp_path: Path) -> None:
+    """etc/logrotate/connectd (copytruncate) on a running daemon's log: old lines move to .1,
+    new ones keep coming at the start of the truncated file (append mode: no hole)."""
+    logrotate = shutil.which("logrotate") or ("/usr/sbin/logrotate" if Path("/usr/sbin/logrotate").exists() else None)
+    if logrotate is None:
+        pytest.skip("logrotate is not installed")
+    r = run({"a": "chatty"})
+    r.wait_started("a")
+    log = r.logs / "a.log"
+    wait_for(lambda: log.stat().st_size > 100, what="a.log to fill")
+    example = (Path(__file__).resolve().parent.parent / "etc" / "logrotate" / "connectd").read_text()
+    assert "/srv/connectd/logs/*.log" in example
+    # The example's path and user are the production ones; point them at this test.
+    conf = tmp_path / "logrotate.conf"
+    conf.write_text("\n".join(line for line in example.replace("/srv/connectd/logs", str(r.logs))
+                              .splitlines() if not line.strip().startswith("su ")) + "\n")
+    subprocess.run([logrotate, "--force", "--state", str(tmp_path / "state"), str(conf)],
+                   check=True, capture_output=True, timeout=30)
+    rotated = (r.logs / "a.log.1").read_bytes()
+    assert rotated.startswith(b"hello from a\n")
+    wait_for(lambda: log.read_bytes().count(b"tick\n") >= 3, what="new lines after rotation")
+    assert not log.read_bytes().startswith(b"\0")
+    assert r.stop() == 0
 
 
 @pytest.mark.parametrize(("failures", "expected"), [(0, 1.0), (1, 2.0), (2, 4.0), (4, 16.0),

