@@ -1,6 +1,6 @@
 """The etc/ deployment examples: the systemd units pass `systemd-analyze verify` silently and
 agree with the code (exit status 78, the daemons that exist); the cron lines run commands
-the CLI has. (etc/logrotate/connectd is exercised on a live log in test_supervisor.py.)"""
+the CLI has; every daemon runs under MemoryDenyWriteExecute. (etc/logrotate/connectd is exercised on a live log in test_supervisor.py.)"""
 
 from __future__ import annotations
 
@@ -143,3 +143,41 @@ def test_cron_example_runs_existing_commands() -> None:
         if "No such command" in proc.stderr:
             pytest.skip(f"`connectd {' '.join(args)}` is not in this build yet")
         assert proc.returncode == 0, proc.stderr
+
+
+# Exec `argv` with the kernel's MDWE (Linux >= 6.3): no memory may become writable and
+# executable, what MemoryDenyWriteExecute=yes enforces (systemd uses the same prctl or seccomp).
+MDWE_EXEC = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(99)
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def test_daemons_run_under_memory_deny_write_execute(tmp_path: Path) -> None:
+    """`connectd run NAME --once` works for every daemon with W+X memory refused."""
+    from conftest import write_config
+
+    from connectd import daemons
+
+    available = getattr(daemons, "DAEMONS", None)
+    if not available:
+        pytest.skip("connectd.daemons.DAEMONS does not exist yet in this build")
+    exe = connectd_executable()
+    cfg = write_config(tmp_path)
+    init = subprocess.run([str(exe), "--config", str(cfg), "init"], capture_output=True, text=True,
+                          timeout=120)
+    if init.returncode != 0:
+        pytest.skip(f"`connectd init` is not usable yet: {init.stderr.strip()[-200:]}")
+    probe = [sys.executable, "-c", MDWE_EXEC]
+    check = subprocess.run([*probe, sys.executable, "-c",
+                            "import mmap; mmap.mmap(-1, 4096, prot=7)"], capture_output=True)
+    if check.returncode == 99:
+        pytest.skip("this kernel has no PR_SET_MDWE (Linux < 6.3)")
+    assert check.returncode != 0, "a W+X mapping was allowed: the probe does not work"
+    for name in available:
+        proc = subprocess.run([*probe, str(exe), "--config", str(cfg), "run", name, "--once"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
