@@ -75,3 +75,23 @@ def test_engines_follow_settings(settings) -> None:
     assert report.url.database == str(settings.paths.spool / "report.db")
     customer.dispose()
     report.dispose()
+
+
+@pytest.mark.postgres
+def test_both_histories_share_one_postgresql_database(pg_url_factory) -> None:
+    """Customer and report DB can live in one PostgreSQL database, the report DB in its own
+    schema (both have a consumer_positions table), each at its own head."""
+    url = pg_url_factory()
+    setup = make_engine(url)
+    with setup.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA report")
+    setup.dispose()
+    customer = make_engine(url)
+    report = make_engine(url + "?options=-csearch_path%3Dreport")
+    migrate.upgrade(customer, "customer")
+    migrate.upgrade(report, "report")
+    assert migrate.current(customer, "customer") == migrate.head("customer")
+    assert migrate.current(report, "report") == migrate.head("report")
+    assert "message_facts" in inspect(customer).get_table_names(schema="report")
+    customer.dispose()
+    report.dispose()
