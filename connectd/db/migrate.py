@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, MetaData, text
 
-from connectd.db.engine import make_engine
+from connectd.db.engine import make_engine, writer
 
 if TYPE_CHECKING:
     from connectd.settings import Settings
@@ -65,7 +65,10 @@ def current(engine: Engine, which: Which) -> str | None:
 
 def upgrade(engine: Engine, which: Which) -> None:
     """Bring the database to head; a database already at head is left as it is."""
-    with engine.begin() as conn:
+    # One transaction for the whole upgrade (transactional DDL on both backends), so a crash
+    # halfway leaves the previous revision, not half a schema. On SQLite writer() makes it
+    # BEGIN IMMEDIATE, so a concurrent init waits its turn.
+    with writer(engine).begin() as conn:
         if conn.dialect.name == "postgresql":
             # Two hosts running `connectd init` at once: the second waits, then finds head.
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY[which]})

@@ -95,3 +95,15 @@ def test_both_histories_share_one_postgresql_database(pg_url_factory) -> None:
     assert "message_facts" in inspect(customer).get_table_names(schema="report")
     customer.dispose()
     report.dispose()
+
+
+def test_failed_upgrade_leaves_nothing_behind(db_url: str) -> None:
+    """An upgrade that fails halfway (a table in the way) rolls back every table it made."""
+    engine = make_engine(db_url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    with pytest.raises(Exception, match="users"):
+        migrate.upgrade(engine, "customer")
+    assert inspect(engine).get_table_names() == ["users"]
+    assert migrate.current(engine, "customer") is None
+    engine.dispose()
