@@ -122,9 +122,11 @@ def _admin(engine: Engine, url: str, report: InitReport) -> None:
     from argon2 import PasswordHasher
 
     from connectd.db.customer import User
+    from connectd.db.engine import writer
 
     try:
-        with Session(engine) as session, session.begin():
+        # writer(): this transaction reads then writes (BEGIN IMMEDIATE on SQLite)
+        with Session(writer(engine)) as session, session.begin():
             exists = session.scalar(select(User.id).where(User.role == "admin").limit(1))
             if exists is not None:
                 report.add("admin user", False)
