@@ -31,12 +31,12 @@ TYPES = ("string", "integer", "number", "boolean", "date", "datetime")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_NAME_LEN = 64  # attribute_defs.name is String(64)
 
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-_INT_RE = re.compile(r"^[+-]?[0-9]+$")
-_INFER_INT_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)$")
-_NUMBER_RE = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?$")
-_INFER_NUMBER_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?$")
-_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*\Z")
+_INT_RE = re.compile(r"^[+-]?[0-9]+\Z")
+_INFER_INT_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)\Z")
+_NUMBER_RE = re.compile(r"^[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?\Z")
+_INFER_NUMBER_RE = re.compile(r"^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\Z")
+_DATE_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
 # A date, "T" or one space, then a time: what datetime.fromisoformat reads, minus the oddities.
 _DATETIME_RE = re.compile(r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}")
 _TRUE = frozenset({"true", "yes", "t", "y", "1"})
@@ -48,8 +48,10 @@ _INFER_BOOL = frozenset({"true", "false", "yes", "no"})
 # ending with a dot, no "..";  domain: at most 253 characters, two or more dot-separated labels
 # of letters, digits and hyphens (1-63 each, no leading or trailing hyphen), non-ASCII letters
 # allowed for internationalised domains; the last label is not all digits.
-_LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_LABEL_RE = re.compile(r"^(?:[^\W_]|[^\W_](?:[^\W_]|-){0,61}[^\W_])$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = r"[^\W_](?:(?:[^\W_]|-){0,61}[^\W_])?"  # \w minus "_": letters and digits, any script
+_EMAIL_RE = re.compile(
+    rf"^{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+(?P<tld>{_LABEL})\Z")
 
 
 class BadAttribute(ValueError):
@@ -96,17 +98,11 @@ def parse_declaration(text: str) -> tuple[str, str]:
 
 def is_plausible_email(address: str) -> bool:
     """True when `address` looks like a deliverable address by syntax alone (see module notes)."""
-    if len(address) > 320 or address.count("@") != 1:
+    at = address.find("@")
+    if not 1 <= at <= 64 or len(address) - at - 1 > 253:
         return False
-    local, domain = address.split("@")
-    if not 1 <= len(local) <= 64 or not _LOCAL_RE.match(local):
-        return False
-    if not 1 <= len(domain) <= 253:
-        return False
-    labels = domain.split(".")
-    if len(labels) < 2 or labels[-1].isdigit():
-        return False
-    return all(_LABEL_RE.match(label) for label in labels)
+    match = _EMAIL_RE.match(address)
+    return match is not None and not match["tld"].isdigit()
 
 
 def email_key(address: str) -> str:

@@ -161,3 +161,10 @@ def test_format_value_round_trips(type_: str, text: str) -> None:
     """format_value's text parses back to the same value."""
     value = attrs.parse_value(type_, text)
     assert attrs.parse_value(type_, attrs.format_value(value)) == value
+
+
+
+@pytest.mark.parametrize("address", ["a@x.com\n", "a@x.com\n\n", "\na@x.com"])
+def test_email_with_newline_is_implausible(address: str) -> None:
+    """A newline before or after an address is not silently accepted."""
+    assert not attrs.is_plausible_email(address)
