@@ -15,16 +15,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Union
 
+import msgspec
 from sqlalchemy import Connection, Engine, Table, select
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from connectd import appliers, log
-from connectd.appliers.sql import upsert
+from connectd.appliers.sql import db_time, upsert
 from connectd.db.engine import writer
 from connectd.settings import Settings
-from connectd.spool import REPLAY, SHUNT, BadRecord, Batch, Position, Spool, decode
+from connectd.spool import REPLAY, SHUNT, BadRecord, Batch, Position, Spool, decode, now_ts
 
 _TRANSIENT_RETRIES = 5
 
@@ -88,7 +89,13 @@ class Consumer:
         self.batch_size = batch_size
         self.table = position_table(db)
         self.spool_id = spool.spool_id
-        self.handlers = appliers.registry(db)
+        self.handlers, self.schemas = appliers.registry(db)
+        self.handled = {t.encode() for t in self.handlers}
+        if self.stream == REPLAY:
+            self.handled.add(b"record.replayed")
+        self.union: Any = (Union[tuple(self.schemas.values())]  # noqa: UP007
+                           if self.schemas else dict)
+        self.decoder = msgspec.json.Decoder(self.union)
         self.cache: dict[str, Any] = {}
         self.records = 0
         self.log = log.get(daemon="profiler", stream=stream, consumer=name)
@@ -127,85 +134,116 @@ class Consumer:
                 time.sleep(0.2 * 2 ** attempt)
         return len(batch) + (1 if batch.torn else 0)
 
-    def _apply(self, batch: Batch) -> None:
-        shunts: list[tuple[Position, str, bytes]] = []
-        records: list[dict[str, Any]] = []
-        positions = None
+    def _decode(self, batch: Batch) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
+        """(index, record struct) for the lines this database has appliers for, and
+        (index, reason) for lines that are not valid records. Lines of other types are
+        passed over without being decoded (their type is read from the raw line)."""
+        records: list[tuple[int, Any]] = []
+        bad: list[tuple[int, str]] = []
+        handled, decode_one = self.handled, self.decoder.decode
         for idx, line in enumerate(batch.lines):
+            kind = _type_of(line)
+            if kind is not None and kind not in handled:
+                continue
+            try:
+                records.append((idx, decode_one(line)))
+                continue
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                first_error = str(exc)
+            # slow path: say exactly what is wrong, or find it is not ours after all
             try:
                 rec = decode(line)
             except BadRecord as exc:
-                positions = positions or batch.positions()
-                shunts.append((positions[idx], str(exc), line))
+                bad.append((idx, str(exc)))
                 continue
-            if self.stream == REPLAY:
-                if rec.get("consumer") != self.name or not isinstance(rec.get("record"), dict):
+            if self.stream == REPLAY and rec.get("type") == "record.replayed":
+                inner = rec.get("record")
+                if rec.get("consumer") != self.name or not isinstance(inner, dict) \
+                        or inner.get("type") not in self.schemas:
                     continue
-                rec = rec["record"]
-                if not isinstance(rec.get("type"), str):
-                    continue
-            if rec["type"] in self.handlers:
-                rec["_i"] = idx  # where it was in the batch, to name its position if shunted
-                records.append(rec)
+                try:
+                    records.append((idx, msgspec.convert(inner, self.union)))
+                except msgspec.ValidationError as exc:
+                    bad.append((idx, f"replayed record: {exc}"))
+                continue
+            if rec["type"] in self.schemas:
+                bad.append((idx, f"{rec['type']}: {first_error}"))
+        return records, bad
+
+    def _apply(self, batch: Batch) -> None:
+        records, bad = self._decode(batch)
+        positions = batch.positions() if bad or batch.torn else None
+        shunts = [(positions[i], reason, batch.lines[i]) for i, reason in bad]  # type: ignore[index]
         if batch.torn:
             shunts.append((batch.start, "torn record: incomplete line at the end of a finished "
                            "segment (writer died or disk filled mid-write)", batch.torn))
-        last_ts = None
         with self.engine.begin() as conn:
             for run in _runs(records):
-                failed = self._apply_run(conn, run)
-                for rec, reason in failed:
+                for idx, reason in self._apply_run(conn, run):
                     positions = positions or batch.positions()
-                    shunts.append((positions[rec["_i"]], reason, batch.lines[rec["_i"]]))
-            if records:
-                last_ts = records[-1].get("ts")
+                    shunts.append((positions[idx], reason, batch.lines[idx]))
             for pos, reason, raw in shunts:
                 # before the commit: a crash in between re-shunts on restart (a duplicate in
                 # the shunt stream), never loses the record
                 self.spool.shunt(self.stream, pos, self.name, reason, raw)
+            last_ts = records[-1][1].ts if records else None
             self._store_position(conn, batch.end, len(batch.lines), last_ts)
         self.records += len(batch.lines)
         if shunts:
             self.log.warning("shunted records", count=len(shunts), first_reason=shunts[0][1])
 
-    def _apply_run(self, conn: Connection, run: list[dict[str, Any]]) -> list[tuple[dict, str]]:
+    def _apply_run(self, conn: Connection, run: list[tuple[int, Any]]) -> list[tuple[int, str]]:
         """Apply one run of same-type records; on failure split it in halves and retry each
         (bisection finds the bad records of a large run quickly); return the records that
         fail on their own, with the reason."""
-        fns = self.handlers[run[0]["type"]]
+        fns = self.handlers[type(run[0][1]).__struct_config__.tag]
         try:
             with conn.begin_nested():
+                recs = [rec for _, rec in run]
                 for fn in fns:
-                    fn(conn, run, self.cache)
+                    fn(conn, recs, self.cache)
             return []
         except (DBAPIError, BadRecord, KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, OperationalError):
                 raise  # transient (locked, connection lost): the whole batch is retried
             if len(run) == 1:
-                return [(run[0], _reason(exc))]
+                return [(run[0][0], _reason(exc))]
         half = len(run) // 2
         return self._apply_run(conn, run[:half]) + self._apply_run(conn, run[half:])
 
     def _store_position(self, conn: Connection, end: Position, count: int,
                         last_ts: str | None) -> None:
-        row = {"spool_id": self.spool_id, "stream": self.stream, "consumer": self.name,
-               "segment": end.segment, "offset": end.offset, "records": count,
-               "last_record_ts": datetime.fromisoformat(last_ts) if last_ts else None,
-               "updated_at": datetime.now(UTC)}
-        upsert(conn, self.table, [row], keys=["spool_id", "stream", "consumer"],
-               add=["records"], replace=["segment", "offset", "updated_at"],
-               greatest=["last_record_ts"])
+        dialect = conn.dialect.name
+        row = (self.spool_id, self.stream, self.name, end.segment, end.offset, count,
+               db_time(dialect, last_ts) if last_ts else None, db_time(dialect, now_ts()))
+        upsert(conn, self.table, _POSITION_COLUMNS, [row],
+               keys=("spool_id", "stream", "consumer"), add=("records",),
+               replace=("segment", "offset", "updated_at"), greatest=("last_record_ts",))
 
 
-def _runs(records: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+_POSITION_COLUMNS = ("spool_id", "stream", "consumer", "segment", "offset", "records",
+                     "last_record_ts", "updated_at")
+
+
+def _runs(records: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
     """Consecutive records of the same type, in order (order across types is kept)."""
-    runs: list[list[dict[str, Any]]] = []
-    for rec in records:
-        if runs and runs[-1][0]["type"] == rec["type"]:
-            runs[-1].append(rec)
+    runs: list[list[tuple[int, Any]]] = []
+    for item in records:
+        if runs and type(runs[-1][0][1]) is type(item[1]):
+            runs[-1].append(item)
         else:
-            runs.append([rec])
+            runs.append([item])
     return runs
+
+
+def _type_of(line: bytes) -> bytes | None:
+    """The `type` of a raw record line as our writers spell it ("type":"x"), or None if not
+    found that way (then the line is fully decoded to find out)."""
+    i = line.find(b'"type":"')
+    if i < 0:
+        return None
+    j = line.find(b'"', i + 8)
+    return line[i + 8:j] if j > 0 else None
 
 
 def _reason(exc: BaseException) -> str:

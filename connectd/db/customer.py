@@ -102,13 +102,16 @@ class CustomerStats(CustomerBase):
 
     __tablename__ = "customer_stats"
 
+    # INTEGER PRIMARY KEY on SQLite: the row id itself, so the profiler's per-customer upsert
+    # is one B-tree lookup instead of an index lookup plus a table lookup
     customer_id: Mapped[int] = mapped_column(
-        BigInteger, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True)
-    sent_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    open_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    click_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    reply_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    soft_bounce_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+        BigId, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True,
+        autoincrement=False)
+    sent_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    open_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    click_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    reply_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    soft_bounce_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     last_sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -123,7 +126,7 @@ class CustomerInterest(CustomerBase):
     customer_id: Mapped[int] = mapped_column(
         BigInteger, ForeignKey("customers.id", ondelete="CASCADE"), primary_key=True)
     label: Mapped[str] = mapped_column(String(64), primary_key=True)
-    count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
 
 # --- conversations, subscriptions, suppression -----------------------------------------------

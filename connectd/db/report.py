@@ -14,11 +14,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Integer, String, text
+from sqlalchemy import BigInteger, Boolean, Integer, String, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from connectd.db.common import ConsumerPositionMixin
-from connectd.db.types import UtcDateTime, metadata, utcnow
+from connectd.db.types import BigId, UtcDateTime, metadata, utcnow
 
 NO_SEGMENT = 0  # event_totals.segment_id for events of customers outside any segment
 
@@ -43,9 +43,7 @@ class MessageFact(ReportBase):
     open_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     first_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    click_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    first_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # clicks are facts of their own (click_facts): one row per click, appended
     # outcomes after sending (nullable or defaulted, so existing inserts need not name them)
     failed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)  # rejected at hand-off
     bounced_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
@@ -57,17 +55,20 @@ class MessageFact(ReportBase):
     complained_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
-class LinkFact(ReportBase):
-    """Clicks of one customer on one link of one message instance."""
+class ClickFact(ReportBase):
+    """One click (append-only). Reports count totals and unique clickers per message, link,
+    segment and hour from these rows; appending keeps the profiler's click path at one plain
+    insert per click (an upsert per customer and link cost several times more: see
+    bench/profiler_ingest.py)."""
 
-    __tablename__ = "link_facts"
+    __tablename__ = "click_facts"
 
-    instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    link_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    customer_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    click_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    first_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
+    customer_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    link_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    clicked_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    machine: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
 
 
 class HourlyCount(ReportBase):

@@ -46,15 +46,16 @@ def upgrade() -> None:
     sa.Column('total', sa.BigInteger(), nullable=False),
     sa.PrimaryKeyConstraint('instance_id', 'hour', 'event', name=op.f('pk_hourly_counts'))
     )
-    op.create_table('link_facts',
+    op.create_table('click_facts',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('instance_id', sa.BigInteger(), nullable=False),
-    sa.Column('link_id', sa.BigInteger(), nullable=False),
     sa.Column('customer_id', sa.BigInteger(), nullable=False),
-    sa.Column('click_count', sa.Integer(), nullable=False),
-    sa.Column('first_click_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('last_click_at', sa.DateTime(timezone=True), nullable=True),
-    sa.PrimaryKeyConstraint('instance_id', 'link_id', 'customer_id', name=op.f('pk_link_facts'))
+    sa.Column('link_id', sa.BigInteger(), nullable=False),
+    sa.Column('clicked_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('machine', sa.Boolean(), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_click_facts'))
     )
+    op.create_index(op.f('ix_click_facts_instance_id'), 'click_facts', ['instance_id'], unique=False)
     op.create_table('message_facts',
     sa.Column('instance_id', sa.BigInteger(), nullable=False),
     sa.Column('customer_id', sa.BigInteger(), nullable=False),
@@ -63,9 +64,6 @@ def upgrade() -> None:
     sa.Column('open_count', sa.Integer(), nullable=False),
     sa.Column('first_open_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_open_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('click_count', sa.Integer(), nullable=False),
-    sa.Column('first_click_at', sa.DateTime(timezone=True), nullable=True),
-    sa.Column('last_click_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('failed_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('bounced_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('bounce_kind', sa.String(length=8), nullable=True),
@@ -106,7 +104,8 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_report_instances_campaign_id'), table_name='report_instances')
     op.drop_table('report_instances')
     op.drop_table('message_facts')
-    op.drop_table('link_facts')
+    op.drop_index(op.f('ix_click_facts_instance_id'), table_name='click_facts')
+    op.drop_table('click_facts')
     op.drop_table('hourly_counts')
     op.drop_table('event_totals')
     op.drop_table('consumer_positions')

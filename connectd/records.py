@@ -1,0 +1,37 @@
+"""The record catalogue: the typed shape of each event-log record that an applier consumes.
+
+Every record line is a JSON object with `v` (format version), `id` (globally unique), `ts`
+(ISO 8601 UTC) and `type` (past-tense `noun.verb`), plus the fields below. Consumers decode
+lines straight into these structs (msgspec: validated, and fields an applier does not need
+are skipped without being built), so a record whose fields have the wrong type is refused
+with the field's name and shunted. Producers may add fields; consumers ignore what they do
+not know, which is how the format evolves without breaking old readers.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Record(msgspec.Struct, kw_only=True, tag_field="type", frozen=True):
+    """Common fields of every record."""
+
+    id: str
+    ts: str  # ISO 8601, UTC, e.g. 2026-12-04T16:00:00.123456Z
+    v: int = 1
+
+
+class LinkClicked(Record, tag="link.clicked", frozen=True):
+    """A customer followed a tracked link (the tracker writes these; `ts` = click time)."""
+
+    instance: int  # message instance
+    customer: int
+    link: int
+    ua: str = ""  # user agent
+    ip: str | None = None  # possibly truncated for privacy
+    machine: bool = False  # a scanner or pre-fetcher, not a person
+
+
+def record_type(cls: type[Record]) -> str:
+    """The `type` tag of a record class."""
+    return cls.__struct_config__.tag  # type: ignore[return-value]
