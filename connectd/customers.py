@@ -457,6 +457,7 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
 class _BadRows:
@@ -525,7 +526,7 @@ def import_command(file: str, types: tuple[str, ...], errors_path: Path | None, 
                              batch_size=batch_size, infer_rows=infer_rows, on_bad=bad_rows,
                              progress=progress)
     except ImportFailed as exc:
-        progress.close()
+        progress.close()  # end the bar's line before the message
         click.echo(f"connectd: {file}: {exc}", err=True)
         sys.exit(exc.exit_code)
     finally:
