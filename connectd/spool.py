@@ -371,6 +371,16 @@ class Spool:
         return stop
 
 
+def _segment_numbers(d: Path) -> list[int]:
+    """The numbers of the segments in stream directory `d` (names only: no stat)."""
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return []
+    n = len(SEGMENT_SUFFIX)
+    return [int(x[:-n]) for x in names if x.endswith(SEGMENT_SUFFIX) and x[:-n].isdigit()]
+
+
 def _last_complete_line(path: Path, size: int) -> bytes | None:
     """The last newline-terminated line of a file, read from its end."""
     if size == 0:
@@ -672,7 +682,12 @@ class StreamReader:
         return True
 
     def _next_segment(self, after: int) -> int | None:
-        later = [s.number for s in self.spool.segments(self.name) if s.number > after]
+        d = self.spool.stream_dir(self.name)
+        # the writer numbers segments consecutively: one stat finds the next in the common
+        # case (a full scan per roll-over made following a stream quadratic in its segments)
+        if after > 0 and os.path.exists(d / _segment_name(after + 1)):
+            return after + 1
+        later = [n for n in _segment_numbers(d) if n > after]
         return min(later) if later else None
 
     def read(self, max_records: int = 1000) -> Batch | None:
