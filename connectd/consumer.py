@@ -13,9 +13,11 @@ only by the consumer that shunted it.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Union
+from datetime import datetime
+from itertools import groupby
+from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy import Connection, Engine, Table, select
@@ -90,12 +92,10 @@ class Consumer:
         self.table = position_table(db)
         self.spool_id = spool.spool_id
         self.handlers, self.schemas = appliers.registry(db)
-        self.handled = {t.encode() for t in self.handlers}
-        if self.stream == REPLAY:
-            self.handled.add(b"record.replayed")
-        self.union: Any = (Union[tuple(self.schemas.values())]  # noqa: UP007
-                           if self.schemas else dict)
-        self.decoder = msgspec.json.Decoder(self.union)
+        self.handled_types = set(self.schemas.values())
+        self.catalogue = appliers.catalogue()
+        self.decoder = msgspec.json.Decoder(self.catalogue)
+        self.batch_decoder = msgspec.json.Decoder(list[self.catalogue])  # type: ignore[name-defined]
         self.cache: dict[str, Any] = {}
         self.records = 0
         self.log = log.get(daemon="profiler", stream=stream, consumer=name)
@@ -134,51 +134,65 @@ class Consumer:
                 time.sleep(0.2 * 2 ** attempt)
         return len(batch) + (1 if batch.torn else 0)
 
-    def _decode(self, batch: Batch) -> tuple[list[tuple[int, Any]], list[tuple[int, str]]]:
-        """(index, record struct) for the lines this database has appliers for, and
-        (index, reason) for lines that are not valid records. Lines of other types are
-        passed over without being decoded (their type is read from the raw line)."""
+    def _decode(self, batch: Batch) -> tuple[list[Run], list[tuple[int, str]]]:
+        """Runs of consecutive records (decoded into their structs) that this database has
+        appliers for, and (line index, reason) for lines that are not valid records.
+
+        Fast path: the whole batch decoded by one msgspec call into the catalogue's structs.
+        If any line is not a valid record of a known type, the batch is decoded line by line
+        to keep the good ones and say exactly what is wrong with the others."""
+        if self.stream != REPLAY:
+            try:
+                recs = self.batch_decoder.decode(b"[" + b",".join(batch.lines) + b"]")
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
+            else:
+                return _runs_of(recs, self.handled_types), []
         records: list[tuple[int, Any]] = []
         bad: list[tuple[int, str]] = []
-        handled, decode_one = self.handled, self.decoder.decode
         for idx, line in enumerate(batch.lines):
-            kind = _type_of(line)
-            if kind is not None and kind not in handled:
-                continue
             try:
-                records.append((idx, decode_one(line)))
-                continue
+                rec = self.decoder.decode(line)
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                first_error = str(exc)
-            # slow path: say exactly what is wrong, or find it is not ours after all
+                self._decode_slow(idx, line, str(exc), records, bad)
+                continue
+            if type(rec) in self.handled_types:
+                records.append((idx, rec))
+        return _runs_of([r for _, r in records], self.handled_types,
+                        [i for i, _ in records]), bad
+
+    def _decode_slow(self, idx: int, line: bytes, first_error: str,
+                     records: list[tuple[int, Any]], bad: list[tuple[int, str]]) -> None:
+        """A line the catalogue decoder refused: a record of a type we do not know (not
+        ours: passed over), a replayed record, or a bad line (shunted with the reason)."""
+        try:
+            rec = decode(line)
+        except BadRecord as exc:
+            bad.append((idx, str(exc)))
+            return
+        kind = rec["type"]
+        if self.stream == REPLAY and kind == "record.replayed":
+            inner = rec.get("record")
+            if rec.get("consumer") != self.name or not isinstance(inner, dict) \
+                    or inner.get("type") not in self.schemas:
+                return
             try:
-                rec = decode(line)
-            except BadRecord as exc:
-                bad.append((idx, str(exc)))
-                continue
-            if self.stream == REPLAY and rec.get("type") == "record.replayed":
-                inner = rec.get("record")
-                if rec.get("consumer") != self.name or not isinstance(inner, dict) \
-                        or inner.get("type") not in self.schemas:
-                    continue
-                try:
-                    records.append((idx, msgspec.convert(inner, self.union)))
-                except msgspec.ValidationError as exc:
-                    bad.append((idx, f"replayed record: {exc}"))
-                continue
-            if rec["type"] in self.schemas:
-                bad.append((idx, f"{rec['type']}: {first_error}"))
-        return records, bad
+                records.append((idx, msgspec.convert(inner, self.catalogue)))
+            except msgspec.ValidationError as exc:
+                bad.append((idx, f"replayed record: {exc}"))
+            return
+        if kind in appliers.known_types():
+            bad.append((idx, f"{kind}: {first_error}"))
 
     def _apply(self, batch: Batch) -> None:
-        records, bad = self._decode(batch)
+        runs, bad = self._decode(batch)
         positions = batch.positions() if bad or batch.torn else None
         shunts = [(positions[i], reason, batch.lines[i]) for i, reason in bad]  # type: ignore[index]
         if batch.torn:
             shunts.append((batch.start, "torn record: incomplete line at the end of a finished "
                            "segment (writer died or disk filled mid-write)", batch.torn))
         with self.engine.begin() as conn:
-            for run in _runs(records):
+            for run in runs:
                 for idx, reason in self._apply_run(conn, run):
                     positions = positions or batch.positions()
                     shunts.append((positions[idx], reason, batch.lines[idx]))
@@ -186,30 +200,33 @@ class Consumer:
                 # before the commit: a crash in between re-shunts on restart (a duplicate in
                 # the shunt stream), never loses the record
                 self.spool.shunt(self.stream, pos, self.name, reason, raw)
-            last_ts = records[-1][1].ts if records else None
+            last_ts = runs[-1].records[-1].ts if runs else None
             self._store_position(conn, batch.end, len(batch.lines), last_ts)
         self.records += len(batch.lines)
         if shunts:
             self.log.warning("shunted records", count=len(shunts), first_reason=shunts[0][1])
 
-    def _apply_run(self, conn: Connection, run: list[tuple[int, Any]]) -> list[tuple[int, str]]:
+    def _apply_run(self, conn: Connection, run: Run) -> list[tuple[int, str]]:
         """Apply one run of same-type records; on failure split it in halves and retry each
         (bisection finds the bad records of a large run quickly); return the records that
         fail on their own, with the reason."""
-        fns = self.handlers[type(run[0][1]).__struct_config__.tag]
+        fns = self.handlers[type(run.records[0]).__struct_config__.tag]
         try:
             with conn.begin_nested():
-                recs = [rec for _, rec in run]
+                for rec in run.records:
+                    if rec.ts[10] != "T" or rec.ts[26] != "Z":
+                        raise BadRecord(f"ts {rec.ts!r} is not YYYY-MM-DDTHH:MM:SS.ffffffZ")
                 for fn in fns:
-                    fn(conn, recs, self.cache)
+                    fn(conn, run.records, self.cache)
             return []
         except (DBAPIError, BadRecord, KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, OperationalError):
                 raise  # transient (locked, connection lost): the whole batch is retried
-            if len(run) == 1:
-                return [(run[0][0], _reason(exc))]
-        half = len(run) // 2
-        return self._apply_run(conn, run[:half]) + self._apply_run(conn, run[half:])
+            if len(run.records) == 1:
+                return [(run.lines[0], _reason(exc))]
+        half = len(run.records) // 2
+        return (self._apply_run(conn, Run(run.lines[:half], run.records[:half]))
+                + self._apply_run(conn, Run(run.lines[half:], run.records[half:])))
 
     def _store_position(self, conn: Connection, end: Position, count: int,
                         last_ts: str | None) -> None:
@@ -225,25 +242,26 @@ _POSITION_COLUMNS = ("spool_id", "stream", "consumer", "segment", "offset", "rec
                      "last_record_ts", "updated_at")
 
 
-def _runs(records: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
-    """Consecutive records of the same type, in order (order across types is kept)."""
-    runs: list[list[tuple[int, Any]]] = []
-    for item in records:
-        if runs and type(runs[-1][0][1]) is type(item[1]):
-            runs[-1].append(item)
-        else:
-            runs.append([item])
+class Run(NamedTuple):
+    """Consecutive records of one type: their line numbers in the batch and the records."""
+
+    lines: Sequence[int]
+    records: list[Any]
+
+
+def _runs_of(recs: list[Any], handled: set[type], lines: list[int] | None = None) -> list[Run]:
+    """Split decoded records into runs of one type (order across types is kept), dropping
+    the types this database does not handle. `lines` maps each record to its batch line
+    (default: record i is line i)."""
+    runs: list[Run] = []
+    pos = 0
+    for cls, group in groupby(recs, key=type):
+        items = list(group)
+        n = len(items)
+        if cls in handled:
+            runs.append(Run(range(pos, pos + n) if lines is None else lines[pos:pos + n], items))
+        pos += n
     return runs
-
-
-def _type_of(line: bytes) -> bytes | None:
-    """The `type` of a raw record line as our writers spell it ("type":"x"), or None if not
-    found that way (then the line is fully decoded to find out)."""
-    i = line.find(b'"type":"')
-    if i < 0:
-        return None
-    j = line.find(b'"', i + 8)
-    return line[i + 8:j] if j > 0 else None
 
 
 def _reason(exc: BaseException) -> str:

@@ -10,14 +10,22 @@ not know, which is how the format evolves without breaking old readers.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+
+# The one timestamp spelling of the event logs (what connectd.spool.now_ts writes): UTC,
+# microseconds, 'Z', 27 characters. Appliers rely on it (it sorts as text and converts by
+# slicing); a record with another spelling is refused (Consumer checks the length and the
+# 'T' and 'Z', cheaply, where a regular expression per record cost more than the decoding).
+Timestamp = Annotated[str, msgspec.Meta(min_length=27, max_length=27)]
 
 
 class Record(msgspec.Struct, kw_only=True, tag_field="type", frozen=True):
     """Common fields of every record."""
 
     id: str
-    ts: str  # ISO 8601, UTC, e.g. 2026-12-04T16:00:00.123456Z
+    ts: Timestamp  # e.g. 2026-12-04T16:00:00.123456Z
     v: int = 1
 
 

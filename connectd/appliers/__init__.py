@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 from sqlalchemy import Connection
 
@@ -40,6 +40,18 @@ def applies(schema: type[Record], db: Db) -> Callable[[Applier], Applier]:
             bucket.append(fn)
         return fn
     return register
+
+
+def known_types() -> dict[str, type[Record]]:
+    """Every record type some applier consumes, with its struct."""
+    registry("customer")
+    return _SCHEMAS
+
+
+def catalogue() -> Any:
+    """The tagged union of every known record struct (decodes any known record line)."""
+    schemas = tuple(known_types().values())
+    return Union[schemas] if len(schemas) > 1 else schemas[0]  # noqa: UP007
 
 
 def registry(db: Db) -> tuple[dict[str, list[Applier]], dict[str, type[Record]]]:

@@ -12,11 +12,16 @@ format (see `db_time`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from sqlalchemy import Connection, Table
 
 _CACHE: dict[tuple, str] = {}
+
+
+def sqlite_time(ts: str) -> str:
+    """A canonical record timestamp ('YYYY-MM-DDTHH:MM:SS.ffffffZ', enforced when records are
+    decoded) as SQLite's timestamp text."""
+    return f"{ts[:10]} {ts[11:26]}"
 
 
 def db_time(dialect: str, ts: str) -> str:

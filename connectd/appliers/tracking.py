@@ -12,6 +12,8 @@ Customer updates are aggregated within the run first: one upsert row per custome
 from __future__ import annotations
 
 import time
+from collections import Counter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, select
@@ -50,27 +52,21 @@ def _link_labels(conn: Connection, link_ids: set[int], cache: dict[str, Any]) ->
 def clicks_to_profiles(conn: Connection, records: list[LinkClicked],
                        cache: dict[str, Any]) -> None:
     dialect = conn.dialect.name
-    per_customer: dict[int, list] = {}
-    per_customer_link: dict[tuple[int, int], int] = {}
-    for rec in records:
-        c, ts = rec.customer, rec.ts
-        entry = per_customer.get(c)
-        if entry is None:
-            per_customer[c] = [1, ts]
-        else:
-            entry[0] += 1
-            if ts > entry[1]:
-                entry[1] = ts
-        key = (c, rec.link)
-        per_customer_link[key] = per_customer_link.get(key, 0) + 1
+    counts = Counter([r.customer for r in records])
+    # text timestamps sort in time order; the last of a customer's in ts order is the latest
+    last = {r.customer: r.ts for r in sorted(records, key=_ts)}
     upsert(conn, _stats, ("customer_id", "click_count", "last_click_at"),
-           [(c, n, db_time(dialect, ts)) for c, (n, ts) in per_customer.items()],
+           [(c, n, db_time(dialect, last[c])) for c, n in counts.items()],
            keys=("customer_id",), add=("click_count",), greatest=("last_click_at",))
-    labels = _link_labels(conn, {link for _, link in per_customer_link}, cache)
-    interests: dict[tuple[int, str], int] = {}
-    for (c, link), n in per_customer_link.items():
-        for label in labels.get(link, ()):
-            interests[(c, label)] = interests.get((c, label), 0) + n
+    labels = _link_labels(conn, {r.link for r in records}, cache)
+    labelled = {link for link, names in labels.items() if names}
+    if not labelled:
+        return
+    interests: Counter[tuple[int, str]] = Counter()
+    for (c, link), n in Counter([(r.customer, r.link) for r in records
+                                 if r.link in labelled]).items():
+        for label in labels[link]:
+            interests[(c, label)] += n
     upsert(conn, _interests, ("customer_id", "label", "count"),
            [(c, label, n) for (c, label), n in interests.items()],
            keys=("customer_id", "label"), add=("count",))
@@ -79,31 +75,32 @@ def clicks_to_profiles(conn: Connection, records: list[LinkClicked],
 @applies(LinkClicked, db="report")
 def clicks_to_facts(conn: Connection, records: list[LinkClicked],
                     cache: dict[str, Any]) -> None:
-    dialect = conn.dialect.name
-    facts = []
-    per_hour: dict[tuple[int, str], int] = {}
-    per_instance: dict[int, list] = {}
-    for rec in records:
-        i, ts = rec.instance, db_time(dialect, rec.ts)
-        facts.append((i, rec.customer, rec.link, ts, rec.machine))
-        hour = (i, ts[:13])
-        per_hour[hour] = per_hour.get(hour, 0) + 1
-        entry = per_instance.get(i)
-        if entry is None:
-            per_instance[i] = [1, ts, ts]
-        else:
-            entry[0] += 1
-            if ts < entry[1]:
-                entry[1] = ts
-            if ts > entry[2]:
-                entry[2] = ts
+    if conn.dialect.name == "sqlite":
+        facts = [(r.instance, r.customer, r.link, f"{r.ts[:10]} {r.ts[11:26]}", r.machine)
+                 for r in records]
+    else:
+        facts = [(r.instance, r.customer, r.link, r.ts, r.machine) for r in records]
     insert_many(conn, _clicks, ("instance_id", "customer_id", "link_id", "clicked_at", "machine"),
                 facts)
+    per_hour = Counter([(f[0], f[3][:13]) for f in facts])
     upsert(conn, _hourly, ("instance_id", "hour", "event", "total"),
-           [(i, db_time(dialect, f"{h[:10]}T{h[11:13]}:00:00.000000Z"), CLICKED, n)
-            for (i, h), n in per_hour.items()],
+           [(i, _hour(conn.dialect.name, h), CLICKED, n) for (i, h), n in per_hour.items()],
            keys=("instance_id", "hour", "event"), add=("total",))
+    ordered = sorted(facts, key=_fact_ts)
+    first = {f[0]: f[3] for f in reversed(ordered)}
+    last = {f[0]: f[3] for f in ordered}
     upsert(conn, _totals, ("instance_id", "segment_id", "event", "total", "first_at", "last_at"),
-           [(i, 0, CLICKED, n, lo, hi) for i, (n, lo, hi) in per_instance.items()],
+           [(i, 0, CLICKED, n, first[i], last[i])
+            for i, n in Counter([f[0] for f in facts]).items()],
            keys=("instance_id", "segment_id", "event"), add=("total",), least=("first_at",),
            greatest=("last_at",))
+
+
+_ts = attrgetter("ts")
+_fact_ts = itemgetter(3)
+
+
+def _hour(dialect: str, prefix: str) -> str:
+    """'YYYY-MM-DD?HH' (either timestamp spelling) -> the start of that hour as the column's
+    timestamp text."""
+    return db_time(dialect, f"{prefix[:10]}T{prefix[11:13]}:00:00.000000Z")
