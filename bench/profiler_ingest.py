@@ -66,7 +66,7 @@ def setup_tree(root: Path, customer_url: str | None, report_url: str | None,
     from conftest import write_config
 
     cfg = write_config(root, customer_url=customer_url, report_url=report_url,
-                       extra="[spool]\ndurability = \"none\"\n[log]\nlevel = \"warning\"\n")
+                       extra="[spool]\ndurability = \"none\"\n[log]\nlevel = \"warning\"")
     st = settings_mod.load(cfg, environ={})
     ce, re_ = make_engine(st.database.customer_url), make_engine(st.database.report_url)
     migrate.upgrade(ce, "customer")

@@ -66,7 +66,7 @@ class SpoolSettings:
 
 @dataclass(frozen=True)
 class ProfilerSettings:
-    batch_size: int = setting(5000, "records applied per database transaction")
+    batch_size: int = setting(20000, "most records applied per database transaction")
     streams: tuple[str, ...] = setting((), "streams to follow; empty = every stream in the spool")
 
 
