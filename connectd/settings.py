@@ -12,7 +12,9 @@ Errors in the file (unknown section or key, a value of the wrong type or out of 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -25,7 +27,13 @@ ENV_PREFIX = "CONNECTD_"
 
 
 class SettingsError(Exception):
-    """The settings file or environment holds something unusable; the message names the key."""
+    """The settings file or environment holds something unusable; the message names the key.
+
+    `key` is the dotted setting ("web.port") when one setting is at fault, else None."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -158,6 +166,9 @@ def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | Non
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SettingsError(f"{path}: settings file not found (set --config or CONNECTD_CONFIG)") from None
+    except UnicodeDecodeError as exc:
+        # TOML is UTF-8 by definition; a latin-1 file must not end in a traceback
+        raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
@@ -171,28 +182,50 @@ def load(path: Path | str | None = None, environ: typing.Mapping[str, str] | Non
             raise SettingsError(f"{path}: [{name}] must be a table")
     for name, cls in SECTIONS.items():
         values = dict(raw.get(name, {}))
-        known = {f.name for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
         for key in values:
-            if key not in known:
-                raise SettingsError(f"{path}: unknown key {name}.{key} (known: {', '.join(sorted(known))})")
+            if key not in hints:
+                raise SettingsError(f"{path}: unknown key {name}.{key} "
+                                    f"(known: {', '.join(sorted(hints))})", key=f"{name}.{key}")
+        from_env: dict[str, str] = {}  # dotted key -> the variable that set it
         prefix = f"{ENV_PREFIX}{name.upper()}_"
         for env_key, env_value in environ.items():
             if env_key.startswith(prefix):
                 key = env_key[len(prefix):].lower()
-                if key not in known:
-                    raise SettingsError(f"environment: {env_key} names no setting {name}.{key}")
-                values[key] = _from_env(env_value)
-        sections[name] = _build(cls, name, values, base)
+                if key not in hints:
+                    raise SettingsError(f"environment: {env_key} names no setting {name}.{key} "
+                                        f"(known: {', '.join(sorted(hints))})", key=f"{name}.{key}")
+                values[key] = _from_env(env_value, hints[key])
+                from_env[f"{name}.{key}"] = f"{env_key}={env_value!r}"
+        try:
+            sections[name] = _build(cls, name, values, base)
+        except SettingsError as exc:
+            origin = from_env.get(exc.key or "", str(path))
+            raise SettingsError(f"{origin}: {exc}", key=exc.key) from None
     return Settings(**sections, source=path.resolve())
 
 
-def _from_env(text: str) -> Any:
+def _from_env(text: str, hint: Any) -> Any:
     """Environment values are TOML values when they parse as one (numbers, booleans, arrays),
-    else plain strings, so `CONNECTD_WEB_PORT=9000` and `CONNECTD_WEB_HOST=0.0.0.0` both work."""
+    else plain strings, so `CONNECTD_WEB_PORT=9000` and `CONNECTD_WEB_HOST=0.0.0.0` both work.
+    A text setting (string, path, URL, choice) takes the text as it is, so a domain `true`
+    or a directory `2024` is not turned into a boolean or a number first; a list setting also
+    takes comma-separated text (`CONNECTD_RELAY_HOSTS=mx1:25,mx2:25`)."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
+        value = text
+    if typing.get_origin(hint) is tuple and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if _is_text(hint) and not isinstance(value, str):
         return text
+    return value
+
+
+def _is_text(hint: Any) -> bool:
+    if typing.get_origin(hint) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(hint))
+    return hint in (str, Path, DbUrl)
 
 
 def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
@@ -210,6 +243,14 @@ def _build(cls: type, section: str, values: dict[str, Any], base: Path) -> Any:
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
+    try:
+        return _coerce_value(key, hint, value)
+    except SettingsError as exc:
+        exc.key = key
+        raise
+
+
+def _coerce_value(key: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         allowed = typing.get_args(hint)
@@ -218,11 +259,9 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         return value
     if origin is tuple:
         (item,) = typing.get_args(hint)[:1]
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
             raise SettingsError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return tuple(_coerce(key, item, v) for v in value)
+        return tuple(_coerce_value(key, item, v) for v in value)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -236,6 +275,9 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SettingsError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            # nan/inf pass every range check and then break sleeps and timers at run time
+            raise SettingsError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is Path:
         if not isinstance(value, str) or not value:
@@ -255,15 +297,18 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     raise SettingsError(f"{key}: unsupported setting type {hint!r}")  # pragma: no cover
 
 
+_SQLITE_URL = re.compile(r"sqlite(\+\w+)?:///")  # sqlite:/// and sqlite+pysqlite:///
+
+
 def _resolve(value: Any, base: Path) -> Any:
     if isinstance(value, Path):
         return value if value.is_absolute() else (base / value).resolve()
-    if isinstance(value, DbUrl) and value.startswith("sqlite:///") and value != "sqlite:///:memory:":
-        rest = value[len("sqlite:///"):]
-        db_path, _, query = rest.partition("?")
-        if db_path and not db_path.startswith("/"):
+    match = _SQLITE_URL.match(value) if isinstance(value, DbUrl) else None
+    if match:
+        db_path, _, query = value[match.end():].partition("?")
+        if db_path and db_path != ":memory:" and not db_path.startswith("/"):
             resolved = (base / db_path).resolve()
-            return DbUrl(f"sqlite:///{resolved}" + (f"?{query}" if query else ""))
+            return DbUrl(f"{match.group(0)}{resolved}" + (f"?{query}" if query else ""))
     return value
 
 
@@ -272,13 +317,14 @@ def _check_ranges(section: str, obj: Any) -> None:
         value = getattr(obj, f.name)
         key = f"{section}.{f.name}"
         if f.name == "port" and not (0 <= value <= 65535):
-            raise SettingsError(f"{key}: {value} is not a TCP port (0-65535)")
+            raise SettingsError(f"{key}: {value} is not a TCP port (0-65535)", key=key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and f.name != "port" and value < 0:
-            raise SettingsError(f"{key}: must not be negative, got {value}")
+            raise SettingsError(f"{key}: must not be negative, got {value}", key=key)
     if section == "spool" and obj.segment_max_bytes < 1024:
-        raise SettingsError(f"spool.segment_max_bytes: {obj.segment_max_bytes} is too small (at least 1024)")
+        raise SettingsError(f"spool.segment_max_bytes: {obj.segment_max_bytes} is too small "
+                            "(at least 1024)", key="spool.segment_max_bytes")
     if section == "profiler" and obj.batch_size < 1:
-        raise SettingsError("profiler.batch_size: must be at least 1")
+        raise SettingsError("profiler.batch_size: must be at least 1", key="profiler.batch_size")
 
 
 def describe(settings: Settings) -> list[tuple[str, Any, str]]:
