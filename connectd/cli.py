@@ -81,9 +81,9 @@ def config_show(ctx: Context, as_json: bool) -> None:
 
 def _register() -> None:
     """Attach the commands each area owns."""
+    from connectd.customers import customers_group
     from connectd.daemons import run_command
     from connectd.init import init_command
-    from connectd.customers import customers_group
     from connectd.spool_cli import spool_group
     from connectd.supervisor import up_command
 
