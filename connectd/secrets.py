@@ -16,6 +16,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from connectd.spool import create_file_once
+
 
 class SecretsError(Exception):
     """The secrets file is missing or unusable; the message names the file and the problem."""
@@ -44,40 +46,11 @@ def render_new() -> str:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def create_secrets(path: Path) -> bool:
-    """Write a new secrets file at `path` (mode 0600) unless one exists; True if written."""
-    path = Path(path)
-    if path.exists():
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # left by a crashed init whose pid we now have
-    # O_EXCL: never write through a file or symlink someone else planted; 0600 from the start,
-    # so the keys are never readable by others, not even for a moment.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # the umask could only narrow it, but be explicit
-        os.write(fd, render_new().encode("utf-8"))
-        os.fsync(fd)  # the keys are on disk before the name points at them (no empty file after a crash)
-    finally:
-        os.close(fd)
-    try:
-        # link, not replace: atomic create-if-absent, so a concurrent init's file is never overwritten
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(tmp)
-    _fsync_dir(path.parent)  # the new name survives a crash
-    return True
+    """Write a new secrets file at `path` (mode 0600 from its first byte, so the keys are
+    never readable by others) unless one exists; True if written. A concurrent init's file is
+    never overwritten."""
+    return create_file_once(Path(path), render_new().encode("utf-8"), 0o600)
 
 
 def loose_mode(path: Path) -> int | None:

@@ -167,6 +167,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_file_once(path: Path, data: bytes, mode: int = 0o644) -> bool:
+    """Create `path` holding `data` unless it exists; True if this call created it.
+    Atomic create-if-absent: two racing creators agree on one file, a crash leaves either no
+    file or the whole file, and the file has `mode` from its first byte on."""
+    path = Path(path)
+    if path.exists():
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a crashed creator that had our pid
+    # O_EXCL: never write through a file or symlink someone else planted
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)  # the umask could only narrow it, but be explicit
+        os.write(fd, data)
+        os.fsync(fd)  # the data is on disk before the name points at it (no empty file after a crash)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # link, not replace: a concurrent creator's file is never overwritten
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(path.parent)  # the new name survives a crash
+    return True
+
+
 def _segment_name(number: int) -> str:
     return f"{number:012d}{SEGMENT_SUFFIX}"
 
@@ -210,22 +238,8 @@ class Spool:
         """Create the spool directories and identity if missing; True if anything was made."""
         made = not self.streams_dir.is_dir()
         self.streams_dir.mkdir(parents=True, exist_ok=True)
-        id_path = self.root / "spool-id"
-        if id_path.exists():
-            return made
-        tmp = self.root / f".spool-id.{os.getpid()}"
-        with open(tmp, "w", encoding="ascii") as fh:
-            fh.write(os.urandom(8).hex() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())  # the id must be on disk before its name is
-        try:
-            os.link(tmp, id_path)  # atomic create-if-absent: two racing creators agree on one id
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-        _fsync_dir(self.root)  # the id's directory entry survives a crash
-        return True
+        created = create_file_once(self.root / "spool-id", (os.urandom(8).hex() + "\n").encode())
+        return made or created
 
     @property
     def spool_id(self) -> str:
