@@ -1,0 +1,236 @@
+"""The profiler daemon as a real process (`python -m connectd run profiler`): exactly once
+under SIGKILL, clean stop on SIGTERM, watchdog wake-ups, new streams, --once, bad config.
+Database tests run on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from helpers.profiler_data import (
+    STREAM,
+    Applied,
+    add_customers,
+    add_links,
+    applied,
+    expected_per_customer,
+    random_clicks,
+    shunted,
+    write_clicks,
+)
+
+from connectd import settings as settings_mod
+from connectd.settings import EX_CONFIG
+
+PYTHON = sys.executable
+CUSTOMERS = 3000
+
+
+class Daemon:
+    """A `connectd run profiler` child process whose stderr (JSON log lines) is collected."""
+
+    def __init__(self, cfg: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "connectd", "--config", str(cfg), "run", "profiler", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace")
+            self.lines.append(line)
+            if '"started"' in line:
+                self.started.set()
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        assert self.started.wait(timeout), f"profiler did not start:\n{self.output()}"
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def finish(self, timeout: float = 30.0) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.finish()
+
+
+def make_tree(root: Path, customer_url: str, report_url: str, extra: str = "") -> tuple[
+        Path, settings_mod.Settings]:
+    """Settings file + customers 1..3000 + labelled links 1..20."""
+    add_customers(customer_url, range(1, CUSTOMERS + 1))
+    add_links(customer_url, {i: [["shoes", "sale", "news", "garden"][i % 4]] for i in range(1, 21)})
+    cfg = write_config(root, customer_url=customer_url, report_url=report_url,
+                       extra='[log]\nlevel = "info"\n' + extra)
+    return cfg, settings_mod.load(cfg, environ={})
+
+
+@pytest.fixture
+def tree(tmp_path: Path, migrated_customer_url: str,
+         migrated_report_url: str) -> Callable[[str], tuple[Path, settings_mod.Settings]]:
+    """tree(extra_toml) -> (config path, settings) on fresh migrated DBs (db_backend)."""
+    return lambda extra="": make_tree(tmp_path, migrated_customer_url, migrated_report_url, extra)
+
+
+def records_done(st: settings_mod.Settings, stream: str = STREAM) -> tuple[int, int]:
+    """(customer DB, report DB) records counts of the profiler's positions in `stream`."""
+    pos = applied(st).positions
+    return (pos.get(("customer", stream, "profiler"), (0,))[0],
+            pos.get(("report", stream, "profiler"), (0,))[0])
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, every: float = 0.02) -> float:
+    """Seconds until cond() held; fails after timeout."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "condition not reached in time"
+        time.sleep(every)
+    return time.monotonic() - t0
+
+
+def assert_consistent(got: Applied) -> None:
+    """Effects and positions agree in each DB (they are committed together)."""
+    cust = got.positions.get(("customer", STREAM, "profiler"), (0,))[0]
+    rep = got.positions.get(("report", STREAM, "profiler"), (0,))[0]
+    assert got.clicks == cust
+    assert got.facts == got.hourly == got.totals == rep
+
+
+@pytest.mark.slow
+def test_sigkill_20_times_exactly_once(tree: Callable, tmp_path: Path) -> None:
+    """A profiler killed with SIGKILL at 20 random instants while applying 100,000 records
+    ends with every record applied exactly once (counts checked in the DB)."""
+    cfg, st = tree('[profiler]\nbatch_size = 50\n[spool]\nsegment_max_bytes = 1000000\n')
+    clicks = random_clicks(100_000, CUSTOMERS, instances=8, links=20, seed=20)
+    write_clicks(st, clicks)
+    segments = len(list((Path(st.paths.spool) / "streams" / STREAM).glob("*.jsonl")))
+    assert segments >= 10  # roll-overs are crossed while applying
+    rnd = random.Random(1234)
+    progress = [records_done(st)]
+    for kill in range(20):
+        d = Daemon(cfg)
+        if kill % 5 == 0:  # some kills land anywhere, start-up included
+            time.sleep(rnd.uniform(0.05, 0.8))
+        else:  # most land while batches are being applied
+            d.wait_started()
+            time.sleep(rnd.uniform(0.02, 0.5))
+        assert d.proc.poll() is None, f"profiler exited early:\n{d.output()}"
+        d.kill()
+        progress.append(records_done(st))
+        assert_consistent(applied(st))  # a killed transaction left nothing half-applied
+    # the kills really landed mid-stream: work was still left after the 20th
+    assert 0 < min(progress[-1]) and max(progress[-1]) < 100_000, progress
+    assert sum(1 for a, b in zip(progress, progress[1:], strict=False) if b > a) >= 10, progress
+    final = Daemon(cfg, "--once", env={"CONNECTD_PROFILER_BATCH_SIZE": "5000"})
+    assert final.finish(60) == 0, final.output()
+    got = applied(st)
+    assert got.clicks == 100_000
+    assert got.per_customer == expected_per_customer(clicks)
+    assert got.facts == got.hourly == got.totals == 100_000
+    assert records_done(st) == (100_000, 100_000)
+    assert shunted(st) == []
+
+
+@pytest.mark.slow
+def test_sigterm_mid_stream_exits_0_and_keeps_commits(tree: Callable) -> None:
+    """SIGTERM mid-stream: exit 0 soon, what was committed stays, the rest follows later."""
+    cfg, st = tree('[profiler]\nbatch_size = 50\n')
+    clicks = random_clicks(50_000, CUSTOMERS, seed=21)
+    write_clicks(st, clicks)
+    d = Daemon(cfg)
+    d.wait_started()
+    wait_for(lambda: min(records_done(st)) > 0, 20)
+    t0 = time.monotonic()
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.finish(10) == 0, d.output()
+    assert time.monotonic() - t0 < 3
+    assert '"stopped"' in d.output()
+    got = applied(st)
+    assert_consistent(got)
+    done = records_done(st)
+    assert 0 < min(done) and max(done) < 50_000, done
+    assert Daemon(cfg, "--once").finish(60) == 0
+    got = applied(st)
+    assert got.per_customer == expected_per_customer(clicks)
+    assert got.facts == 50_000
+
+
+def test_appended_records_applied_within_2s(tree: Callable) -> None:
+    """Records appended while the daemon idles are applied within 2 s (watchdog wake-up, not
+    the idle sleep, which is set longer than that)."""
+    cfg, st = tree('[daemon]\nidle_sleep = 30.0\n[spool]\npoll_interval = 30.0\n')
+    write_clicks(st, random_clicks(10, CUSTOMERS, seed=22))
+    d = Daemon(cfg)
+    try:
+        d.wait_started()
+        wait_for(lambda: records_done(st) == (10, 10), 10)
+        time.sleep(0.5)  # let it go idle
+        for n in (20, 30):
+            write_clicks(st, random_clicks(10, CUSTOMERS, seed=n))
+            took = wait_for(lambda n=n: records_done(st) == (n, n), 10)
+            assert took < 2.0, f"applied after {took:.2f} s"
+            time.sleep(0.5)
+    finally:
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.finish() == 0, d.output()
+
+
+def test_stream_created_after_start_is_followed(tree: Callable) -> None:
+    """A stream that appears after the profiler started is picked up and applied."""
+    cfg, st = tree()
+    write_clicks(st, random_clicks(5, CUSTOMERS, seed=23))
+    d = Daemon(cfg)
+    try:
+        d.wait_started()
+        wait_for(lambda: records_done(st) == (5, 5), 10)
+        clicks = random_clicks(7, CUSTOMERS, seed=24)
+        write_clicks(st, clicks, stream="tracker2.events")
+        took = wait_for(lambda: records_done(st, "tracker2.events") == (7, 7), 10)
+        assert took < 3.0
+    finally:
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.finish() == 0, d.output()
+    assert applied(st).facts == 12
+
+
+def test_once_prints_count_and_exits_0(tree: Callable) -> None:
+    """`connectd run profiler --once` applies everything, says how much, and exits 0."""
+    cfg, st = tree()
+    clicks = random_clicks(100, CUSTOMERS, seed=25)
+    write_clicks(st, clicks)
+    d = Daemon(cfg, "--once")
+    assert d.finish(60) == 0, d.output()
+    assert "profiler: 200 items done" in d.output()  # 100 records x 2 databases
+    assert applied(st).per_customer == expected_per_customer(clicks)
+    again = Daemon(cfg, "--once")
+    assert again.finish(60) == 0
+    assert "profiler: 0 items done" in again.output()
+
+
+@pytest.mark.parametrize("extra", ['[profiler]\nbatch_size = "many"\n', "[nosuch]\nx = 1\n",
+                                   "[profiler\n"])
+def test_bad_config_exits_78(tmp_path: Path, extra: str) -> None:
+    """A bad settings file makes `run profiler` exit 78 (EX_CONFIG) with a one-line reason."""
+    cfg = write_config(tmp_path, extra=extra)
+    done = subprocess.run([PYTHON, "-m", "connectd", "--config", str(cfg), "run", "profiler"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == EX_CONFIG, done.stderr
+    assert "bad configuration" in done.stderr
+    assert done.stderr.count("\n") == 1
