@@ -128,7 +128,10 @@ class Daemon:
                 sdnotify.watchdog()
                 next_ping = now + ping_every
             if done == 0 and self._signals.empty() and not self._stopping:
-                self._wake.wait(min(settings.idle_sleep, max(0.0, next_periodic - now)))
+                # An idle daemon must still ping systemd's watchdog on time (idle_sleep may be
+                # longer than WATCHDOG_USEC/2), and still run periodic() on time.
+                wait = min(settings.idle_sleep, next_periodic - now, next_ping - now)
+                self._wake.wait(max(0.0, wait))
                 self._wake.clear()
 
     def run_until_idle(self, max_steps: int | None = None) -> int:
