@@ -159,8 +159,11 @@ def test_stop_signal_finishes_the_current_item_and_exits_0(helper: Helper, signu
     status, err = helper.finish()
     assert status == 0, err
     lines = helper.lines()
-    assert "item 2 done" in lines
-    assert "item 3 start" not in lines
+    started = [line.split()[1] for line in lines if line.endswith(" start")]
+    done = [line.split()[1] for line in lines if line.endswith(" done")]
+    assert started == done, "an item was left half done"
+    # item 2 was running when the signal was sent (item 3 only on a badly delayed delivery)
+    assert started[-1] in ("2", "3")
     assert lines[-1] == "teardown"
     assert "Traceback" not in err
 
