@@ -15,10 +15,12 @@ Outputs: calls to those methods in the right order, sd_notify messages, one exit
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from connectd import log, sdnotify
@@ -89,22 +91,29 @@ class Daemon:
             elif signum == signal.SIGUSR1:
                 self.reopen()
 
-    def run(self) -> int:
-        """Run until TERM/INT (or stop()); returns the exit status (0)."""
+    @contextlib.contextmanager
+    def _signals_queued(self) -> Iterator[None]:
+        """Route TERM/INT/HUP/USR1 to the queue for the duration (main thread only: Python
+        delivers signals there), then restore whatever handlers were there before."""
         previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in _HANDLED:
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def run(self) -> int:
+        """Run until TERM/INT (or stop()); returns the exit status (0)."""
+        with self._signals_queued():
             self.setup()
             try:
                 return self._loop()
             finally:
                 sdnotify.stopping()
                 self.teardown()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def _loop(self) -> int:
         settings = self.settings.daemon
@@ -135,19 +144,24 @@ class Daemon:
                 self._wake.clear()
 
     def run_until_idle(self, max_steps: int | None = None) -> int:
-        """setup(), step() until a step handles nothing (or max_steps), teardown().
-        Returns the number of items handled."""
+        """setup(), step() until a step handles nothing (or max_steps, or TERM/INT/stop()),
+        teardown(). Returns the number of items handled."""
         total = 0
-        self.setup()
-        try:
-            steps = 0
-            while max_steps is None or steps < max_steps:
-                done = self.step()
-                steps += 1
-                total += done
-                if done == 0:
-                    break
-            self.periodic()
-        finally:
-            self.teardown()
+        # --once from cron can be stopped too: TERM/INT finish the current item, as in run()
+        with self._signals_queued():
+            self.setup()
+            try:
+                steps = 0
+                while max_steps is None or steps < max_steps:
+                    self._handle_signals()
+                    if self._stopping:
+                        break
+                    done = self.step()
+                    steps += 1
+                    total += done
+                    if done == 0:
+                        break
+                self.periodic()
+            finally:
+                self.teardown()
         return total

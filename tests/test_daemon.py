@@ -71,6 +71,9 @@ class Slow(Daemon):
 
 st = settings_mod.load(config)
 log.configure(st.log.level, st.log.format)
+if mode == "once":
+    note(f"total {Slow(st).run_until_idle(max_steps=50)}")
+    sys.exit(0)
 sys.exit(Slow(st).run())
 '''
 
@@ -166,6 +169,20 @@ def test_stop_signal_finishes_the_current_item_and_exits_0(helper: Helper, signu
     assert started[-1] in ("2", "3")
     assert lines[-1] == "teardown"
     assert "Traceback" not in err
+
+
+def test_term_stops_run_until_idle_after_the_current_item(helper: Helper) -> None:
+    """--once (run_until_idle) also finishes the current item on TERM, then tears down."""
+    helper.start("once")
+    helper.wait_line("item 2 start")
+    helper.proc.terminate()
+    status, err = helper.finish()
+    assert status == 0, err
+    lines = helper.lines()
+    started = [line.split()[1] for line in lines if line.endswith(" start")]
+    assert started == [line.split()[1] for line in lines if line.endswith(" done")]
+    assert started[-1] in ("2", "3")
+    assert lines[-2:] == ["teardown", f"total {started[-1]}"]
 
 
 def test_hup_reloads_and_the_loop_goes_on(helper: Helper) -> None:
@@ -446,9 +463,11 @@ def test_stop_from_another_thread_ends_run(slow_idle) -> None:
 
 def test_run_until_idle_steps_until_nothing_is_left(settings) -> None:
     """run_until_idle(): setup, step until a step does nothing, periodic, teardown."""
+    before = signal.getsignal(signal.SIGTERM)
     daemon = Recorder(settings, plan=[3, 2, 0, 5])
     assert daemon.run_until_idle() == 5
     assert daemon.calls == ["setup", "step", "step", "step", "periodic", "teardown"]
+    assert signal.getsignal(signal.SIGTERM) == before
 
 
 def test_run_until_idle_max_steps(settings) -> None:
