@@ -20,9 +20,12 @@ from helpers.profiler_data import (
     shunted,
     write_clicks,
 )
+from sqlalchemy import select
 
 from connectd import settings as settings_mod
 from connectd.daemons.profiler import Profiler
+from connectd.db.customer import CustomerStats
+from connectd.db.engine import make_engine
 from connectd.spool import REPLAY, Position, Spool, encode, make_record
 
 CUSTOMERS = 50
@@ -149,6 +152,28 @@ def test_missing_customer_shunted_rest_of_batch_applied(st: settings_mod.Setting
     assert shunts[0]["record"]["customer"] == 999
     assert "IntegrityError" in shunts[0]["reason"] or "ForeignKey" in shunts[0]["reason"]
     assert {p[0] for p in got.positions.values()} == {1000}
+
+
+def test_impossible_timestamp_shunted(st: settings_mod.Settings) -> None:
+    """A record whose ts has the right shape but no such date (month 13) is shunted, and
+    customer_stats stays readable."""
+    spool = Spool(st.paths.spool, st.spool)
+    spool.create()
+    with spool.writer(STREAM) as w:
+        w.append("link.clicked", click(1))
+        w.append("link.clicked", click(2), ts="2026-13-45T25:61:61.000000Z")
+    Profiler(st).run_until_idle()
+    got = applied(st)
+    assert got.per_customer == {1: 1}
+    assert got.facts == 1
+    assert len(shunted(st)) == 2
+    engine = make_engine(st.database.customer_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(CustomerStats.customer_id, CustomerStats.last_click_at))
+            assert [r.customer_id for r in rows] == [1]
+    finally:
+        engine.dispose()
 
 
 def test_torn_tail_shunted_as_torn(st: settings_mod.Settings) -> None:
