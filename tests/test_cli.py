@@ -104,6 +104,8 @@ def test_group_help_in_a_real_process() -> None:
     ("run", "profiler"),
     ("run", "profiler", "--once"),
     ("spool", "status"),
+    ("init",),
+    ("up",),
 ], ids=" ".join)
 def test_bad_config_exits_78_naming_the_key(bad_config: Path, args: tuple[str, ...]) -> None:
     """Every command that loads settings exits 78 with the key on stderr and no traceback."""

@@ -360,6 +360,37 @@ def test_logs_are_readable_on_a_terminal(helper: Helper) -> None:
     assert not any(line.lstrip().startswith("{") for line in lines)
 
 
+def test_log_level_filters_and_json_renders(tmp_path: Path) -> None:
+    """log.configure(level="warning", fmt="json"): info is dropped, warning is one JSON line."""
+    import logging
+
+    import structlog
+
+    from connectd import log
+
+    saved_config, saved_handlers = structlog.get_config(), logging.root.handlers[:]
+    saved_level = logging.root.level
+    out = (tmp_path / "log.txt").open("w+")
+    try:
+        log.configure("warning", "json", stream=out)
+        logger = log.get(daemon="x", stream="tracker.events")
+        logger.info("dropped")
+        logger.warning("kept", n=3)
+        out.seek(0)
+        lines = out.read().splitlines()
+    finally:
+        # leave logging as the rest of the session had it, not pointing at a closed file
+        structlog.configure(**saved_config)
+        logging.root.handlers[:] = saved_handlers
+        logging.root.setLevel(saved_level)
+        out.close()
+    assert len(lines) == 1
+    record = json.loads(lines[0])
+    assert record["event"] == "kept" and record["level"] == "warning"
+    assert record["daemon"] == "x" and record["stream"] == "tracker.events" and record["n"] == 3
+    assert "timestamp" in record
+
+
 # --- in process: wake(), periodic(), run_until_idle(), errors --------------------------------
 
 
