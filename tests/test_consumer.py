@@ -74,8 +74,8 @@ def test_records_applied_once_with_position(st: settings_mod.Settings) -> None:
     assert got.per_customer == expected_per_customer(clicks)
     assert got.facts == got.hourly == got.totals == 3000
     size = segment_path(st).stat().st_size
-    assert got.positions == {("customer", STREAM, "profiler"): (3000, 1, size),
-                             ("report", STREAM, "profiler"): (3000, 1, size)}
+    assert got.positions == {("customer", STREAM, "profiler.customer"): (3000, 1, size),
+                             ("report", STREAM, "profiler.report"): (3000, 1, size)}
     assert shunted(st) == []
     Profiler(st).run_until_idle()  # a second run finds nothing new
     assert applied(st) == got
@@ -114,8 +114,9 @@ def test_corrupt_line_shunted_with_position(st: settings_mod.Settings) -> None:
     shunts = shunted(st)
     # one shunt per consumer (customer DB, report DB), each with the line's position
     assert len(shunts) == 2
+    assert {s["consumer"] for s in shunts} == {"profiler.customer", "profiler.report"}
     for s in shunts:
-        assert s["stream"] == STREAM and s["consumer"] == "profiler"
+        assert s["stream"] == STREAM
         assert Position.parse(s["position"]) == Position(1, corrupt_at)
         assert "not valid JSON" in s["reason"]
         assert s["record"] == "{this is not json"
@@ -219,7 +220,7 @@ def test_replayed_record_applied_once_by_named_consumer(st: settings_mod.Setting
     (shunt,) = shunted(st)
     add_customers(st.database.customer_url, [999])  # the cause, fixed
     original = shunt["record"]
-    append(st, {"consumer": "profiler", "record": original},
+    append(st, {"consumer": "profiler.customer", "record": original},
            {"consumer": "someone-else", "record": {**original, "customer": 2}},
            stream=REPLAY, type_="record.replayed")
     Profiler(st).run_until_idle()
@@ -227,12 +228,9 @@ def test_replayed_record_applied_once_by_named_consumer(st: settings_mod.Setting
     got = applied(st)
     assert got.per_customer == {1: 1, 999: 1}
     assert shunted(st) == [shunt]
-    assert got.positions[("customer", REPLAY, "profiler")][0] == 2
+    assert got.positions[("customer", REPLAY, "profiler.customer")][0] == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: both DBs' consumers are named 'profiler', so a "
-                   "record shunted only by the customer DB's consumer is applied a second time "
-                   "to the report DB when replayed (click_facts 3 instead of 2)")
 def test_replay_does_not_reapply_to_the_other_database(st: settings_mod.Settings) -> None:
     """A record shunted by the customer DB's consumer only is, when replayed, applied to the
     customer DB and not a second time to the report DB (which applied it the first time)."""

@@ -3,8 +3,8 @@ to the customer DB and to the report DB.
 
 Inputs: the spool's streams (woken by watchdog, with a slow poll for dropped inotify events).
 Outputs: per database, the appliers' effects and the stream positions, committed together
-(connectd.consumer). Two consumers per stream, `profiler` on the customer DB and `profiler` on
-the report DB, so each database's transaction holds its own position.
+(connectd.consumer). Two consumers per stream, `profiler.customer` on the customer DB and
+`profiler.report` on the report DB, so each database's transaction holds its own position.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ from connectd.db.engine import make_engine
 from connectd.spool import Spool
 
 CONSUMER = "profiler"
+
+
+def consumer_name(db: str) -> str:
+    """Each database's consumer has its own name (profiler.customer, profiler.report), so a
+    record one of them shunted is, when replayed, applied by that one only."""
+    return f"{CONSUMER}.{db}"
 
 
 class Profiler(Daemon):
@@ -45,7 +51,7 @@ class Profiler(Daemon):
             for db, engine in self.engines.items():
                 if (stream, db) not in self.consumers:
                     self.consumers[(stream, db)] = Consumer(
-                        self.spool, stream, CONSUMER, db, engine,  # type: ignore[arg-type]
+                        self.spool, stream, consumer_name(db), db, engine,  # type: ignore[arg-type]
                         self.settings.profiler.batch_size)
         self._next_scan = time.monotonic() + self.settings.spool.poll_interval
 

@@ -92,8 +92,8 @@ def tree(tmp_path: Path, migrated_customer_url: str,
 def records_done(st: settings_mod.Settings, stream: str = STREAM) -> tuple[int, int]:
     """(customer DB, report DB) records counts of the profiler's positions in `stream`."""
     pos = applied(st).positions
-    return (pos.get(("customer", stream, "profiler"), (0,))[0],
-            pos.get(("report", stream, "profiler"), (0,))[0])
+    return (pos.get(("customer", stream, "profiler.customer"), (0,))[0],
+            pos.get(("report", stream, "profiler.report"), (0,))[0])
 
 
 def wait_for(cond: Callable[[], bool], timeout: float, every: float = 0.02) -> float:
@@ -107,8 +107,8 @@ def wait_for(cond: Callable[[], bool], timeout: float, every: float = 0.02) -> f
 
 def assert_consistent(got: Applied) -> None:
     """Effects and positions agree in each DB (they are committed together)."""
-    cust = got.positions.get(("customer", STREAM, "profiler"), (0,))[0]
-    rep = got.positions.get(("report", STREAM, "profiler"), (0,))[0]
+    cust = got.positions.get(("customer", STREAM, "profiler.customer"), (0,))[0]
+    rep = got.positions.get(("report", STREAM, "profiler.report"), (0,))[0]
     assert got.clicks == cust
     assert got.facts == got.hourly == got.totals == rep
 
