@@ -129,7 +129,8 @@ def upgrade() -> None:
     sa.Column('label', sa.String(length=64), nullable=False),
     sa.Column('count', sa.Integer(), server_default='0', nullable=False),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_customer_interests_customer_id_customers'), ondelete='CASCADE'),
-    sa.PrimaryKeyConstraint('customer_id', 'label', name=op.f('pk_customer_interests'))
+    sa.PrimaryKeyConstraint('customer_id', 'label', name=op.f('pk_customer_interests')),
+    sqlite_with_rowid=False
     )
     op.create_table('customer_stats',
     sa.Column('customer_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=False, nullable=False),
