@@ -74,8 +74,9 @@ class SpoolSettings:
 
 @dataclass(frozen=True)
 class ProfilerSettings:
-    batch_size: int = setting(20000, "most records applied per database transaction")
+    batch_size: int = setting(50000, "most records applied per database transaction")
     streams: tuple[str, ...] = setting((), "streams to follow; empty = every stream in the spool")
+    parallel: bool = setting(True, "one worker process per database (customer, report): two cores")
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,15 @@ class SpoolError(Exception):
     """A problem with the spool that the caller should report, not retry blindly."""
 
 
-class StreamLocked(SpoolError):
+class Locked(SpoolError):
+    """Another process holds a lock of the spool (`holder` is its pid, as it wrote it)."""
+
+    def __init__(self, message: str, holder: str = "unknown") -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class StreamLocked(Locked):
     """Another process is already the writer of this stream."""
 
 
@@ -195,6 +203,28 @@ def create_file_once(path: Path, data: bytes, mode: int = 0o644) -> bool:
     return True
 
 
+def lock_file(path: Path, wait: bool = False) -> int:
+    """Take an exclusive flock on `path` (created if missing) and write our pid into it;
+    returns the descriptor (closing it releases the lock, and so does our death: the kernel
+    drops a dead process's flocks, so a killed holder never blocks its successor). Without
+    `wait`, raises Locked naming the holder's pid when another process has it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BlockingIOError:
+        try:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+        finally:
+            os.close(fd)
+        raise Locked(f"{path} is locked by pid {holder}", holder) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _segment_name(number: int) -> str:
     return f"{number:012d}{SEGMENT_SUFFIX}"
 
@@ -288,6 +318,13 @@ class Spool:
                     newest = None
                 break
         return StreamInfo(name, segs, newest)
+
+    def lock(self, name: str, wait: bool = False) -> int:
+        """An exclusive lock named `name` in <spool>/locks (see lock_file): e.g. one profiler
+        per spool and database, so two never apply the same records."""
+        locks = self.root / "locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        return lock_file(locks / f"{validate_stream_name(name)}.lock", wait)
 
     def writer(self, name: str, *, wait: bool = False, **overrides: Any) -> StreamWriter:
         return StreamWriter(self, name, wait=wait, **overrides)
@@ -453,20 +490,11 @@ class StreamWriter:
 
     # -- lock and segments ----------------------------------------------------------------
     def _acquire(self, wait: bool) -> int:
-        path = self.dir / "writer.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            try:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
-            finally:
-                os.close(fd)
-            raise StreamLocked(f"stream {self.name!r} already has a writer (pid {holder}); "
-                               "only one process may append to a stream") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        return fd
+            return lock_file(self.dir / "writer.lock", wait)
+        except Locked as exc:
+            raise StreamLocked(f"stream {self.name!r} already has a writer (pid {exc.holder}); "
+                               "only one process may append to a stream", exc.holder) from None
 
     def _open_segment(self) -> None:
         segs = self.spool.segments(self.name)

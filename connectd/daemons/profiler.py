@@ -3,21 +3,40 @@ to the customer DB and to the report DB.
 
 Inputs: the spool's streams (woken by watchdog, with a slow poll for dropped inotify events).
 Outputs: per database, the appliers' effects and the stream positions, committed together
-(connectd.consumer). Two consumers per stream, `profiler.customer` on the customer DB and
-`profiler.report` on the report DB, so each database's transaction holds its own position.
+(connectd.consumer). Each database has its own consumers (`profiler.customer`,
+`profiler.report`), so each database's transaction holds its own position.
+
+The two databases are independent, so by default (profiler.parallel) the profiler runs one
+worker process per database and supervises them: the decoding and applying of one overlaps
+the other's on a second core. One lock per spool and database (<spool>/locks/profiler.DB.lock)
+makes sure no two processes ever apply the same spool to the same database, which would
+apply records twice.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
+from connectd import log
 from connectd.consumer import Consumer, all_streams
 from connectd.daemon import Daemon
 from connectd.db.engine import make_engine
-from connectd.spool import Spool
+from connectd.settings import Settings
+from connectd.spool import Locked, Spool
 
 CONSUMER = "profiler"
+DATABASES = ("customer", "report")
+_STOP_TIMEOUT = 60.0  # seconds a worker gets to finish its batch after TERM
+
+
+class WorkerDied(RuntimeError):
+    """A profiler worker process ended without being asked to."""
 
 
 def consumer_name(db: str) -> str:
@@ -30,20 +49,69 @@ class Profiler(Daemon):
     name = "profiler"
     periodic_interval = 5.0
 
+    def __init__(self, settings: Settings, dbs: tuple[str, ...] = DATABASES) -> None:
+        super().__init__(settings)
+        self.dbs = dbs
+        self._once = False
+        self._workers: dict[str, Any] = {}
+        self.consumers: dict[tuple[str, str], Consumer] = {}
+
+    @property
+    def _split(self) -> bool:
+        return len(self.dbs) > 1 and self.settings.profiler.parallel
+
+    # -- one process per database ---------------------------------------------------------
     def setup(self) -> None:
+        if self._split and not self._once:
+            ctx = _mp_context()
+            for db in self.dbs:
+                proc = ctx.Process(target=_worker_main, args=(self.settings, db, os.getpid()),
+                                   name=f"profiler.{db}", daemon=False)
+                proc.start()
+                self._workers[db] = proc
+                self.log.info("worker started", db=db, pid=proc.pid)
+            return
+        self._setup_consumers()
+
+    def _check_workers(self) -> None:
+        for db, proc in self._workers.items():
+            if not proc.is_alive():
+                raise WorkerDied(f"profiler worker for the {db} DB exited with status "
+                                 f"{proc.exitcode}; stopping so the supervisor restarts us")
+
+    def _signal_workers(self, signum: int) -> None:
+        for proc in self._workers.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signum)
+
+    def reload(self) -> None:
+        self._signal_workers(signal.SIGHUP)
+
+    def reopen(self) -> None:
+        self._signal_workers(signal.SIGUSR1)
+
+    # -- applying -------------------------------------------------------------------------
+    def _setup_consumers(self) -> None:
         s = self.settings
         self.spool = Spool(s.paths.spool, s.spool)
         self.spool.create()
-        self.engines = {"customer": make_engine(s.database.customer_url, s.database.echo),
-                        "report": make_engine(s.database.report_url, s.database.echo)}
-        self.consumers: dict[tuple[str, str], Consumer] = {}
+        self._locks = [self._lock(db) for db in self.dbs]
+        urls = {"customer": s.database.customer_url, "report": s.database.report_url}
+        self.engines = {db: make_engine(urls[db], s.database.echo) for db in self.dbs}
         self._stop_watch: Callable[[], None] | None = None
         self._next_scan = 0.0
         self._refresh()
         if not self._once:
             self._stop_watch = self.spool.watch(self.wake)
 
-    _once = False
+    def _lock(self, db: str) -> int:
+        try:
+            return self.spool.lock(consumer_name(db))
+        except Locked as exc:
+            # a worker of a profiler that was just killed may still be finishing its batch
+            self.log.warning("another profiler is applying this spool; waiting for it",
+                             db=db, holder_pid=exc.holder)
+            return self.spool.lock(consumer_name(db), wait=True)
 
     def _refresh(self) -> None:
         """Pick up streams created since the last look (a daemon started later)."""
@@ -56,6 +124,9 @@ class Profiler(Daemon):
         self._next_scan = time.monotonic() + self.settings.spool.poll_interval
 
     def step(self) -> int:
+        if self._workers:
+            self._check_workers()
+            return 0
         if time.monotonic() >= self._next_scan:
             self._refresh()
         done = 0
@@ -71,13 +142,73 @@ class Profiler(Daemon):
         return done
 
     def teardown(self) -> None:
+        if self._workers:
+            self._stop_workers()
+            return
         if self._stop_watch:
             self._stop_watch()
         for consumer in self.consumers.values():
             consumer.close()
         for engine in self.engines.values():
             engine.dispose()
+        for fd in self._locks:
+            os.close(fd)
+
+    def _stop_workers(self) -> None:
+        self._signal_workers(signal.SIGTERM)  # each finishes its batch, commits, exits 0
+        deadline = time.monotonic() + _STOP_TIMEOUT
+        for db, proc in self._workers.items():
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                self.log.warning("worker did not stop in time; killing it", db=db)
+                proc.kill()  # its open transaction rolls back: nothing half-applied
+                proc.join()
 
     def run_until_idle(self, max_steps: int | None = None) -> int:
         self._once = True
-        return super().run_until_idle(max_steps)
+        if not self._split:
+            return super().run_until_idle(max_steps)
+        # --once: one process per database, each until its streams are idle
+        ctx = _mp_context()
+        with ProcessPoolExecutor(max_workers=len(self.dbs), mp_context=ctx) as pool:
+            futures = [pool.submit(_worker_once, self.settings, db, max_steps, os.getpid())
+                       for db in self.dbs]
+            return sum(f.result() for f in futures)
+
+
+def _worker_main(settings: Settings, db: str, parent: int) -> None:
+    """A worker process: the profiler for one database, as a daemon loop of its own."""
+    _die_with_parent(parent)
+    os.environ.pop("NOTIFY_SOCKET", None)  # the parent talks to systemd, not us
+    log.configure(settings.log.level, settings.log.format)
+    raise SystemExit(Profiler(settings, dbs=(db,)).run())
+
+
+def _worker_once(settings: Settings, db: str, max_steps: int | None, parent: int) -> int:
+    _die_with_parent(parent)
+    log.configure(settings.log.level, settings.log.format)
+    return Profiler(settings, dbs=(db,)).run_until_idle(max_steps)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to SIGKILL us when the parent dies. A profiler that was killed is dead
+    as a whole: its workers' open transactions roll back (nothing is half-applied, and the
+    records are applied by the next profiler), and their locks are free at once. A clean
+    stop goes through the parent, which sends TERM and waits."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the lock still prevents double application
+        pass
+    if os.getppid() != parent:  # the parent died before we could ask
+        os._exit(0)
+
+
+def _mp_context() -> Any:
+    """fork where it exists (a worker starts in milliseconds, with the modules already
+    imported; the parent has opened nothing yet: no threads, no connections), else spawn."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")

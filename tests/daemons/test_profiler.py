@@ -117,7 +117,7 @@ def assert_consistent(got: Applied) -> None:
 def test_sigkill_20_times_exactly_once(tree: Callable, tmp_path: Path) -> None:
     """A profiler killed with SIGKILL at 20 random instants while applying 100,000 records
     ends with every record applied exactly once (counts checked in the DB)."""
-    cfg, st = tree('[profiler]\nbatch_size = 50\n[spool]\nsegment_max_bytes = 1000000\n')
+    cfg, st = tree('[profiler]\nbatch_size = 25\n[spool]\nsegment_max_bytes = 1000000\n')
     clicks = random_clicks(100_000, CUSTOMERS, instances=8, links=20, seed=20)
     write_clicks(st, clicks)
     segments = len(list((Path(st.paths.spool) / "streams" / STREAM).glob("*.jsonl")))
@@ -127,10 +127,10 @@ def test_sigkill_20_times_exactly_once(tree: Callable, tmp_path: Path) -> None:
     for kill in range(20):
         d = Daemon(cfg)
         if kill % 5 == 0:  # some kills land anywhere, start-up included
-            time.sleep(rnd.uniform(0.05, 0.8))
+            time.sleep(rnd.uniform(0.05, 0.6))
         else:  # most land while batches are being applied
             d.wait_started()
-            time.sleep(rnd.uniform(0.02, 0.5))
+            time.sleep(rnd.uniform(0.02, 0.25))
         assert d.proc.poll() is None, f"profiler exited early:\n{d.output()}"
         d.kill()
         progress.append(records_done(st))
@@ -234,3 +234,68 @@ def test_bad_config_exits_78(tmp_path: Path, extra: str) -> None:
     assert done.returncode == EX_CONFIG, done.stderr
     assert "bad configuration" in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def _children(pid: int) -> list[int]:
+    """Pids of the live processes whose parent is `pid` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_one_worker_process_per_database(tree: Callable) -> None:
+    """With profiler.parallel (the default) the daemon runs one worker per database, and a
+    SIGKILLed profiler takes its workers with it (no orphan keeps applying)."""
+    cfg, st = tree()
+    d = Daemon(cfg)
+    d.wait_started()
+    wait_for(lambda: len(_children(d.proc.pid)) >= 2, 10)
+    workers = _children(d.proc.pid)
+    d.kill()
+    def gone() -> bool:
+        return all(not Path(f"/proc/{pid}").exists() or
+                   Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+                   for pid in workers)
+    wait_for(gone, 5)
+
+
+@pytest.mark.slow
+def test_second_profiler_on_same_spool_waits(tree: Callable) -> None:
+    """A second profiler on the same spool waits for the first's lock instead of applying the
+    same records again; once the first is gone it carries on, and every record is applied
+    exactly once."""
+    cfg, st = tree('[profiler]\nbatch_size = 100\n')
+    clicks = random_clicks(20_000, CUSTOMERS, instances=4, links=20, seed=3)
+    write_clicks(st, clicks)
+    first = Daemon(cfg)
+    first.wait_started()
+    second = Daemon(cfg)
+    wait_for(lambda: "waiting for it" in second.output(), 15)
+    assert first.proc.poll() is None
+    first.kill()
+    wait_for(lambda: records_done(st) == (20_000, 20_000), 60, every=0.1)
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.finish() == 0
+    got = applied(st)
+    assert got.per_customer == expected_per_customer(clicks)
+    assert got.facts == 20_000
+    assert shunted(st) == []
+
+
+def test_serial_mode_applies_everything(tree: Callable) -> None:
+    """profiler.parallel = false: one process applies to both databases, same result."""
+    cfg, st = tree('[profiler]\nparallel = false\n')
+    clicks = random_clicks(3_000, CUSTOMERS, instances=3, links=20, seed=4)
+    write_clicks(st, clicks)
+    done = subprocess.run([PYTHON, "-m", "connectd", "--config", str(cfg), "run", "profiler",
+                           "--once"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    got = applied(st)
+    assert got.per_customer == expected_per_customer(clicks)
+    assert got.facts == 3_000
