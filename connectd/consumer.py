@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 from sqlalchemy import Connection, Engine, Table, select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
 from connectd import appliers, log
 from connectd.appliers.sql import db_time, upsert
@@ -31,6 +31,17 @@ from connectd.settings import Settings
 from connectd.spool import REPLAY, SHUNT, BadRecord, Batch, Position, Spool, decode, now_ts
 
 _TRANSIENT_RETRIES = 5
+# what a bad record can cause: these shunt the record; every other error (a locked or lost
+# database, a missing table, a bug) is not the record's fault and must not shunt it
+_BAD_DATA = (IntegrityError, DataError, BadRecord, KeyError, TypeError, ValueError)
+# SQLite reports schema problems as OperationalError too; those are not worth retrying
+_PERMANENT_SQLITE = ("no such table", "no such column", "has no column")
+
+
+def transient(exc: OperationalError) -> bool:
+    """A database error that may go away by itself (locked, busy, connection lost)."""
+    message = str(exc.orig).lower()
+    return not any(text in message for text in _PERMANENT_SQLITE)
 _parse_ts = datetime.fromisoformat  # raises ValueError for a date that does not exist
 
 
@@ -128,7 +139,7 @@ class Consumer:
                 self._apply(batch)
                 break
             except OperationalError as exc:  # database locked/unreachable: retry the batch
-                if attempt == _TRANSIENT_RETRIES:
+                if attempt == _TRANSIENT_RETRIES or not transient(exc):
                     self.reader.position = start  # not consumed: read it again next time
                     raise
                 self.log.warning("database busy, retrying batch", error=str(exc.orig)[:200],
@@ -225,9 +236,7 @@ class Consumer:
                 for fn in fns:
                     fn(conn, run.records, self.cache)
             return []
-        except (DBAPIError, BadRecord, KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, OperationalError):
-                raise  # transient (locked, connection lost): the whole batch is retried
+        except _BAD_DATA as exc:  # anything else (locked, schema, a bug) escapes: not shunted
             if len(run.records) == 1:
                 return [(run.lines[0], _reason(exc))]
         half = len(run.records) // 2

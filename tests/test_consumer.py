@@ -257,3 +257,23 @@ def test_interests_counted_per_link_label(st: settings_mod.Settings) -> None:
     assert got.interests == {(1, "shoes"): 2, (1, "sale"): 2, (1, "garden"): 1,
                              (2, "shoes"): 1, (2, "sale"): 1}
     assert got.per_customer == dict(Counter(c for c, _, _ in clicks))
+
+
+def test_schema_error_is_not_shunted(st: settings_mod.Settings) -> None:
+    """A missing table is not the records' fault: nothing is shunted, the position does not
+    move, and the error escapes (the daemon exits and is restarted once the schema is back)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    append(st, click(1), click(2))
+    engine = make_engine(st.database.report_url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE click_facts"))
+    engine.dispose()
+    with pytest.raises((OperationalError, ProgrammingError)):
+        Profiler(st, dbs=("report",)).run_until_idle()
+    assert shunted(st) == []
+    engine = make_engine(st.database.report_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM consumer_positions")).scalar_one() == 0
+    engine.dispose()

@@ -20,25 +20,18 @@ from sqlalchemy import Connection, Table
 _CACHE: dict[tuple, str] = {}
 
 
-def sqlite_time(ts: str) -> str:
-    """A canonical record timestamp ('YYYY-MM-DDTHH:MM:SS.ffffffZ', enforced when records are
-    decoded) as SQLite's timestamp text."""
-    return f"{ts[:10]} {ts[11:26]}"
-
-
 def db_time(dialect: str, ts: str) -> str:
-    """A record timestamp (ISO 8601 UTC, '...Z') as the text a UTC timestamp column takes:
-    SQLite stores 'YYYY-MM-DD HH:MM:SS.ffffff' (what SQLAlchemy's DateTime writes there, so
-    ORM reads and text comparisons agree); PostgreSQL parses ISO 8601 itself."""
-    if dialect != "sqlite":
+    """A record timestamp as the text a UTC timestamp column takes: canonical record
+    timestamps (YYYY-MM-DDTHH:MM:SS.ffffffZ, enforced when records are decoded) are already
+    how SQLite columns store them (connectd.db.types.SQLITE_TIMESTAMP), and PostgreSQL
+    parses ISO 8601 itself; anything else is parsed and re-spelled."""
+    if dialect != "sqlite" or (len(ts) == 27 and ts[10] == "T" and ts[26] == "Z"):
         return ts
-    if len(ts) == 27 and ts[10] == "T" and ts[26] == "Z":
-        return f"{ts[:10]} {ts[11:26]}"
     from datetime import UTC, datetime
     dt = datetime.fromisoformat(ts)  # raises ValueError for a bad timestamp: record shunted
     if dt.tzinfo is not None:
-        dt = dt.astimezone(UTC).replace(tzinfo=None)
-    return dt.strftime("%Y-%m-%d %H:%M:%S.%f")
+        dt = dt.astimezone(UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _sql(dialect: str, table: Table, columns: tuple[str, ...], keys: tuple[str, ...],

@@ -51,15 +51,12 @@ def _link_labels(conn: Connection, link_ids: set[int], cache: dict[str, Any]) ->
 @applies(LinkClicked, db="customer")
 def clicks_to_profiles(conn: Connection, records: list[LinkClicked],
                        cache: dict[str, Any]) -> None:
-    dialect = conn.dialect.name
     counts = Counter([r.customer for r in records])
     # text timestamps sort in time order; the last of a customer's in ts order is the latest
     last = {r.customer: r.ts for r in sorted(records, key=_ts)}
-    if dialect == "sqlite":  # inline sqlite_time(): a call per customer cost 10% here
-        rows = [(c, n, f"{last[c][:10]} {last[c][11:26]}") for c, n in counts.items()]
-    else:
-        rows = [(c, n, last[c]) for c, n in counts.items()]
-    upsert(conn, _stats, ("customer_id", "click_count", "last_click_at"), rows,
+    # record timestamps go into the columns as they are (connectd.appliers.sql.db_time)
+    upsert(conn, _stats, ("customer_id", "click_count", "last_click_at"),
+           [(c, n, last[c]) for c, n in counts.items()],
            keys=("customer_id",), add=("click_count",), greatest=("last_click_at",))
     labels = _link_labels(conn, {r.link for r in records}, cache)
     labelled = {link for link, names in labels.items() if names}
@@ -78,11 +75,7 @@ def clicks_to_profiles(conn: Connection, records: list[LinkClicked],
 @applies(LinkClicked, db="report")
 def clicks_to_facts(conn: Connection, records: list[LinkClicked],
                     cache: dict[str, Any]) -> None:
-    if conn.dialect.name == "sqlite":
-        facts = [(r.instance, r.customer, r.link, f"{r.ts[:10]} {r.ts[11:26]}", r.machine)
-                 for r in records]
-    else:
-        facts = [(r.instance, r.customer, r.link, r.ts, r.machine) for r in records]
+    facts = [(r.instance, r.customer, r.link, r.ts, r.machine) for r in records]
     insert_many(conn, _clicks, ("instance_id", "customer_id", "link_id", "clicked_at", "machine"),
                 facts)
     per_hour = Counter([(f[0], f[3][:13]) for f in facts])

@@ -32,13 +32,24 @@ def run_command(name: str, once: bool) -> None:
     \b
     Daemons in this build:
     """
+    from connectd.daemons.profiler import NotInitialised, WorkerDied
+    from connectd.settings import EX_CONFIG
+
     ctx = click.get_current_context().obj
     daemon = _daemon_class(name)(ctx.settings)
-    if once:
-        n = daemon.run_until_idle()
-        click.echo(f"{name}: {n} items done", err=True)
-        return
-    sys.exit(daemon.run())
+    try:
+        if once:
+            n = daemon.run_until_idle()
+            click.echo(f"{name}: {n} items done", err=True)
+            return
+        sys.exit(daemon.run())
+    except NotInitialised as exc:
+        # not a crash to restart from: systemd's RestartPreventExitStatus=78 stops the loop
+        click.echo(f"connectd run {name}: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+    except WorkerDied as exc:  # the worker logged why; the supervisor restarts us
+        click.echo(f"connectd run {name}: {exc}", err=True)
+        sys.exit(1)
 
 
 run_command.help = (run_command.help or "") + "".join(

@@ -35,6 +35,10 @@ DATABASES = ("customer", "report")
 _STOP_TIMEOUT = 60.0  # seconds a worker gets to finish its batch after TERM
 
 
+class NotInitialised(RuntimeError):
+    """A database is not at the schema this code needs: `connectd init` has to run."""
+
+
 class WorkerDied(RuntimeError):
     """A profiler worker process ended without being asked to."""
 
@@ -63,6 +67,7 @@ class Profiler(Daemon):
     # -- one process per database ---------------------------------------------------------
     def setup(self) -> None:
         if self._split and not self._once:
+            self._check_schemas()  # here, so a bad database stops us before any worker starts
             ctx = _mp_context()
             for db in self.dbs:
                 proc = ctx.Process(target=_worker_main, args=(self.settings, db, os.getpid()),
@@ -72,6 +77,16 @@ class Profiler(Daemon):
                 self.log.info("worker started", db=db, pid=proc.pid)
             return
         self._setup_consumers()
+
+    def _check_schemas(self) -> None:
+        s = self.settings
+        urls = {"customer": s.database.customer_url, "report": s.database.report_url}
+        for db in self.dbs:
+            engine = make_engine(urls[db])
+            try:
+                check_schema(engine, db)
+            finally:
+                engine.dispose()
 
     def _check_workers(self) -> None:
         for db, proc in self._workers.items():
@@ -98,6 +113,8 @@ class Profiler(Daemon):
         self._locks = [self._lock(db) for db in self.dbs]
         urls = {"customer": s.database.customer_url, "report": s.database.report_url}
         self.engines = {db: make_engine(urls[db], s.database.echo) for db in self.dbs}
+        for db, engine in self.engines.items():
+            check_schema(engine, db)
         self._stop_watch: Callable[[], None] | None = None
         self._next_scan = 0.0
         self._refresh()
@@ -169,11 +186,30 @@ class Profiler(Daemon):
         if not self._split:
             return super().run_until_idle(max_steps)
         # --once: one process per database, each until its streams are idle
+        self._check_schemas()
         ctx = _mp_context()
         with ProcessPoolExecutor(max_workers=len(self.dbs), mp_context=ctx) as pool:
             futures = [pool.submit(_worker_once, self.settings, db, max_steps, os.getpid())
                        for db in self.dbs]
             return sum(f.result() for f in futures)
+
+
+def check_schema(engine: Any, db: str) -> None:
+    """Raise NotInitialised unless database `db` is at its newest migration."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from connectd.db import migrate
+
+    try:
+        at = migrate.current(engine, db)  # type: ignore[arg-type]
+    except SQLAlchemyError as exc:
+        raise NotInitialised(f"the {db} database ({engine.url.render_as_string()}) cannot be "
+                             f"read: {str(getattr(exc, 'orig', exc)).splitlines()[0]}") from None
+    want = migrate.head(db)  # type: ignore[arg-type]
+    if at != want:
+        raise NotInitialised(f"the {db} database ({engine.url.render_as_string()}) is at "
+                             f"migration {at or 'none'}, this connectd needs {want}: "
+                             "run `connectd init`")
 
 
 def _worker_main(settings: Settings, db: str, parent: int) -> None:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, CheckConstraint, DateTime, Integer, MetaData, TypeDecorator
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.dialects.postgresql import JSONB
 
 # BIGINT identity on PostgreSQL; SQLite only auto-increments an INTEGER PRIMARY KEY.
@@ -28,13 +29,28 @@ def metadata() -> MetaData:
     return MetaData(naming_convention=NAMING_CONVENTION)
 
 
+# SQLite keeps timestamps as text; we store them spelled exactly as the event logs spell them
+# (2026-12-04T16:00:00.123456Z, connectd.spool.now_ts), so appliers write a record's ts as it
+# is, without converting it per record, and text comparison is time order for every row.
+SQLITE_TIMESTAMP = sqlite.DATETIME(
+    storage_format="%(year)04d-%(month)02d-%(day)02dT%(hour)02d:%(minute)02d:%(second)02d"
+                   ".%(microsecond)06dZ",
+    regexp=r"(\d+)-(\d+)-(\d+)T(\d+):(\d+):(\d+)\.(\d+)Z")
+
+
 class UtcDateTime(TypeDecorator[datetime]):
-    """TIMESTAMP WITH TIME ZONE on PostgreSQL; on SQLite an ISO text column. Values are stored
-    in UTC and always come back timezone-aware in UTC: SQLite would otherwise drop the offset
-    (storing local wall time as if it were UTC) and return naive datetimes."""
+    """TIMESTAMP WITH TIME ZONE on PostgreSQL; on SQLite ISO 8601 text in UTC with a 'Z'
+    (SQLITE_TIMESTAMP). Values are stored in UTC and always come back timezone-aware in UTC:
+    SQLite would otherwise drop the offset (storing local wall time as if it were UTC) and
+    return naive datetimes."""
 
     impl = DateTime(timezone=True)
     cache_ok = True
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "sqlite":
+            return dialect.type_descriptor(SQLITE_TIMESTAMP)
+        return dialect.type_descriptor(DateTime(timezone=True))
 
     def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:

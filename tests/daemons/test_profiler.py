@@ -299,3 +299,15 @@ def test_serial_mode_applies_everything(tree: Callable) -> None:
     got = applied(st)
     assert got.per_customer == expected_per_customer(clicks)
     assert got.facts == 3_000
+
+
+def test_uninitialised_database_exits_78(tmp_path: Path) -> None:
+    """A database `connectd init` never migrated stops the profiler with exit 78 and a
+    message that says to run init (no restart loop under systemd, no traceback)."""
+    cfg = write_config(tmp_path)
+    for args in (["run", "profiler"], ["run", "profiler", "--once"]):
+        done = subprocess.run([PYTHON, "-m", "connectd", "--config", str(cfg), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == EX_CONFIG
+        assert "run `connectd init`" in done.stderr
+        assert "Traceback" not in done.stderr
