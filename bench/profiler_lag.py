@@ -107,7 +107,7 @@ class Poller(threading.Thread):
         while not self.stopping.is_set():
             for db, conn in conns.items():
                 row = conn.execute("SELECT records FROM consumer_positions WHERE stream = ? "
-                                   "AND consumer = 'profiler'", (STREAM,)).fetchone()
+                                   "AND consumer LIKE 'profiler.%'", (STREAM,)).fetchone()
                 now = time.time()
                 self.records[db] = row[0] if row else 0
                 with self.lock:
