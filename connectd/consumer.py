@@ -156,11 +156,13 @@ class Consumer:
         to keep the good ones and say exactly what is wrong with the others."""
         if self.stream != REPLAY:
             try:
-                recs = self.batch_decoder.decode(b"[" + b",".join(batch.lines) + b"]")
+                recs = self.batch_decoder.decode(
+                    b"[" + batch.raw[:-1].replace(b"\n", b",") + b"]")
             except (msgspec.DecodeError, msgspec.ValidationError):
                 pass
             else:
-                return _runs_of(recs, self.handled_types), []
+                if len(recs) == batch.count:  # else a line held more than one value
+                    return _runs_of(recs, self.handled_types), []
         records: list[tuple[int, Any]] = []
         bad: list[tuple[int, str]] = []
         for idx, line in enumerate(batch.lines):
@@ -220,8 +222,8 @@ class Consumer:
             last_ts = next((rec.ts for run in reversed(runs)
                             for idx, rec in zip(reversed(run.lines), reversed(run.records),
                                                 strict=True) if idx not in failed), None)
-            self._store_position(conn, batch.end, len(batch.lines), last_ts)
-        self.records += len(batch.lines)
+            self._store_position(conn, batch.end, batch.count, last_ts)
+        self.records += batch.count
         if shunts:
             self.log.warning("shunted records", count=len(shunts), first_reason=shunts[0][1])
 

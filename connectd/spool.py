@@ -35,8 +35,9 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -676,13 +677,21 @@ class StreamWriter:
 @dataclass
 class Batch:
     """Complete lines read from one segment, starting at `start`; `end` is the position after
-    the last of them. `torn` is an incomplete tail of a finished segment (writer died or disk
-    filled mid-write): not a record; the consumer shunts it and moves on."""
+    the last of them. `raw` holds the lines as they are in the file (each ending in a newline:
+    consumers may decode it whole), `count` how many there are. `torn` is an incomplete tail
+    of a finished segment (writer died or disk filled mid-write): not a record; the consumer
+    shunts it and moves on."""
 
     start: Position
     end: Position
-    lines: list[bytes] = field(default_factory=list)
+    raw: bytes = b""
+    count: int = 0
     torn: bytes | None = None
+
+    @cached_property
+    def lines(self) -> list[bytes]:
+        """The lines without their newlines (split on first use)."""
+        return self.raw[:-1].split(b"\n") if self.raw else []
 
     def positions(self) -> list[Position]:
         """The position of each line (computed on demand: only needed to shunt)."""
@@ -694,7 +703,7 @@ class Batch:
         return out
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return self.count
 
 
 class StreamReader:
@@ -758,15 +767,15 @@ class StreamReader:
             tail = self._fh.read()
             self.position = Position(nxt, 0)
             if tail:
-                return Batch(pos, Position(nxt, 0), [], torn=tail)
+                return Batch(pos, Position(nxt, 0), torn=tail)
 
     def _read_from(self, pos: Position, max_records: int) -> Batch | None:
         fh = self._fh
         fh.seek(pos.offset)
-        lines: list[bytes] = []
-        offset = pos.offset
+        pieces: list[bytes] = []
+        count = size = 0
         buf = b""
-        while len(lines) < max_records:
+        while count < max_records:
             chunk = fh.read(_CHUNK)
             if not chunk:
                 break
@@ -774,21 +783,22 @@ class StreamReader:
             last_nl = buf.rfind(b"\n")
             if last_nl < 0:
                 continue
-            complete, buf = buf[:last_nl], buf[last_nl + 1:]
-            parts = complete.split(b"\n")
-            room = max_records - len(lines)
-            if len(parts) > room:
-                parts = parts[:room]
-                lines.extend(parts)
-                offset += sum(map(len, parts)) + len(parts)
-                break
-            lines.extend(parts)
-            offset += len(complete) + 1
-        if not lines:
+            complete, buf = buf[:last_nl + 1], buf[last_nl + 1:]
+            n = complete.count(b"\n")
+            room = max_records - count
+            if n > room:  # cut after the room-th line (at most one chunk's lines to step over)
+                cut = -1
+                for _ in range(room):
+                    cut = complete.find(b"\n", cut + 1)
+                complete, n = complete[:cut + 1], room
+            pieces.append(complete)
+            count += n
+            size += len(complete)
+        if not count:
             return None
-        end = Position(pos.segment, offset)
+        end = Position(pos.segment, pos.offset + size)
         self.position = end
-        return Batch(pos, end, lines)
+        return Batch(pos, end, b"".join(pieces), count)
 
     def records(self) -> Iterator[tuple[Position, dict[str, Any] | None, bytes]]:
         """(position, record or None if undecodable, raw line) for everything there is now."""

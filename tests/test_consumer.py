@@ -277,3 +277,19 @@ def test_schema_error_is_not_shunted(st: settings_mod.Settings) -> None:
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM consumer_positions")).scalar_one() == 0
     engine.dispose()
+
+
+def test_line_with_two_records_is_shunted_not_split(st: settings_mod.Settings) -> None:
+    """A line holding two JSON objects is one bad line (shunted), never two records, and the
+    records around it are applied in place."""
+    append(st, click(1))
+    seg = segment_path(st)
+    one = encode(make_record("link.clicked", {"instance": 1, "customer": 2, "link": 1}))
+    with open(seg, "ab") as fh:  # no writer open: two records on one line, comma-separated
+        fh.write(one[:-1] + b"," + one)
+    append(st, click(3))
+    Profiler(st).run_until_idle()
+    got = applied(st)
+    assert got.per_customer == {1: 1, 3: 1}
+    assert got.facts == 2
+    assert {s["consumer"] for s in shunted(st)} == {"profiler.customer", "profiler.report"}

@@ -55,7 +55,6 @@ def upgrade() -> None:
     sa.Column('machine', sa.Boolean(), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_click_facts'))
     )
-    op.create_index(op.f('ix_click_facts_instance_id'), 'click_facts', ['instance_id'], unique=False)
     op.create_table('message_facts',
     sa.Column('instance_id', sa.BigInteger(), nullable=False),
     sa.Column('customer_id', sa.BigInteger(), nullable=False),
@@ -104,7 +103,6 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_report_instances_campaign_id'), table_name='report_instances')
     op.drop_table('report_instances')
     op.drop_table('message_facts')
-    op.drop_index(op.f('ix_click_facts_instance_id'), table_name='click_facts')
     op.drop_table('click_facts')
     op.drop_table('hourly_counts')
     op.drop_table('event_totals')
