@@ -4,10 +4,9 @@
 (a tuple in `columns` order) or, when its key exists, adds the `add` columns to the stored
 values and keeps the greatest/least of the `greatest`/`least` columns (NULL-safe), and
 replaces the `replace` columns. One executemany per call (one unnest statement on
-PostgreSQL), straight to the driver: the
-profiler benchmark showed SQLAlchemy's per-row parameter processing costing more than the
-database work itself on this path. Timestamps are passed as text in the column's storage
-format (see `db_time`).
+PostgreSQL), straight to the driver: the profiler benchmark showed SQLAlchemy's per-row
+parameter processing costing more than the database work itself on this path. Timestamps
+are passed as text in the column's storage format (see `db_time`).
 """
 
 from __future__ import annotations
