@@ -32,8 +32,9 @@ STREAM = "tracker.events"
 class Tree:
     """A temp checkout: settings file, spool, and (on demand) the two SQLite databases."""
 
-    def __init__(self, root: Path) -> None:
-        self.cfg = write_config(root)
+    def __init__(self, root: Path, customer_url: str | None = None,
+                 report_url: str | None = None) -> None:
+        self.cfg = write_config(root, customer_url=customer_url, report_url=report_url)
         self.settings = settings_mod.load(self.cfg, environ={})
         self.spool = Spool(self.settings.paths.spool, self.settings.spool)
         self.spool.create()
@@ -72,6 +73,12 @@ def tree(tmp_path: Path) -> Tree:
     return Tree(tmp_path)
 
 
+@pytest.fixture
+def db_tree(tmp_path: Path, migrated_customer_url: str, migrated_report_url: str) -> Tree:
+    """A tree whose databases are migrated ones on SQLite and on PostgreSQL (db_backend)."""
+    return Tree(tmp_path, migrated_customer_url, migrated_report_url)
+
+
 def age_segments(spool: Spool, name: str, seconds: float = 10 * 86400) -> None:
     old = time.time() - seconds
     for s in spool.segments(name):
@@ -93,22 +100,22 @@ def test_status_without_databases_shows_streams(tree: Tree) -> None:
     assert not (tree.settings.paths.spool / "customer.db").exists()
 
 
-def test_status_json_with_positions(tree: Tree) -> None:
+def test_status_json_with_positions(db_tree: Tree) -> None:
     """--json gives one document: per stream segments, bytes, newest, and each consumer's
     position, applied count and lag in records and seconds."""
-    recs = tree.fill(n=30)
-    tree.databases()
-    with tree.spool.reader(STREAM) as r:
+    recs = db_tree.fill(n=30)
+    db_tree.databases()
+    with db_tree.spool.reader(STREAM) as r:
         done = len(r.read(10))  # one segment's worth at most
         at = r.position
-    tree.position("customer", STREAM, "profiler", at, done)
-    tree.position("report", STREAM, "profiler", tree.spool.info(STREAM).end, 30)
-    res = tree.run("status", "--json")
+    db_tree.position("customer", STREAM, "profiler", at, done)
+    db_tree.position("report", STREAM, "profiler", db_tree.spool.info(STREAM).end, 30)
+    res = db_tree.run("status", "--json")
     assert res.exit_code == 0, res.output
     doc = orjson.loads(res.output)
-    assert doc["positions_note"] is None and doc["spool_id"] == tree.spool.spool_id
+    assert doc["positions_note"] is None and doc["spool_id"] == db_tree.spool.spool_id
     (st,) = doc["streams"]
-    info = tree.spool.info(STREAM)
+    info = db_tree.spool.info(STREAM)
     assert (st["name"], st["segments"], st["bytes"]) == (STREAM, len(info.segments), info.bytes)
     assert st["newest"] == {k: recs[-1][k] for k in ("type", "ts", "id")}
     by_db = {c["db"]: c for c in st["consumers"]}
@@ -216,25 +223,25 @@ def test_gc_without_positions_leaves_streams_alone(tree: Tree) -> None:
     assert len(tree.spool.segments(STREAM)) == before
 
 
-def test_gc_removes_passed_segments(tree: Tree) -> None:
+def test_gc_removes_passed_segments(db_tree: Tree) -> None:
     """gc (dry run first) removes the old segments every consumer has passed, printing each
     with its size; the live segment and the unpassed ones stay."""
-    tree.fill(n=60)
-    age_segments(tree.spool, STREAM)
-    segs = tree.spool.segments(STREAM)
+    db_tree.fill(n=60)
+    age_segments(db_tree.spool, STREAM)
+    segs = db_tree.spool.segments(STREAM)
     assert len(segs) >= 4
-    tree.databases()
-    tree.position("customer", STREAM, "profiler", tree.spool.info(STREAM).end, 60)
-    tree.position("report", STREAM, "profiler", Position(segs[2].number, 0), 20)
-    dry = tree.run("gc", "--dry-run")
+    db_tree.databases()
+    db_tree.position("customer", STREAM, "profiler", db_tree.spool.info(STREAM).end, 60)
+    db_tree.position("report", STREAM, "profiler", Position(segs[2].number, 0), 20)
+    dry = db_tree.run("gc", "--dry-run")
     assert dry.exit_code == 0, dry.output
     assert f"{STREAM}: would remove {segs[0].path.name}" in dry.output
     assert "would remove 2 segment(s)" in dry.output
-    assert len(tree.spool.segments(STREAM)) == len(segs)
-    res = tree.run("gc")
+    assert len(db_tree.spool.segments(STREAM)) == len(segs)
+    res = db_tree.run("gc")
     assert res.exit_code == 0, res.output
     assert f"{STREAM}: removed {segs[1].path.name}" in res.output
-    assert [s.number for s in tree.spool.segments(STREAM)] == [s.number for s in segs[2:]]
+    assert [s.number for s in db_tree.spool.segments(STREAM)] == [s.number for s in segs[2:]]
 
 
 def test_gc_retention_and_unread_consumer(tree: Tree) -> None:
