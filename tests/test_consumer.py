@@ -4,6 +4,7 @@ Every test runs on SQLite and PostgreSQL (real databases, real spool files)."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -293,3 +294,55 @@ def test_line_with_two_records_is_shunted_not_split(st: settings_mod.Settings) -
     assert got.per_customer == {1: 1, 3: 1}
     assert got.facts == 2
     assert {s["consumer"] for s in shunted(st)} == {"profiler.customer", "profiler.report"}
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path):
+    """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
+    import subprocess
+
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_full_disk_stops_without_losing_or_shunting(tmp_path: Path, small_fs: Path) -> None:
+    """The report DB's disk fills up mid-stream: the profiler stops with the database error
+    (after its retries), nothing is shunted, every committed batch matches its position; once
+    space is freed a restart applies the rest, each record exactly once."""
+    from conftest import migrated_url
+    from sqlalchemy import text
+
+    customer_url = migrated_url(f"sqlite:///{tmp_path / 'customer.db'}", "customer")
+    report_url = migrated_url(f"sqlite:///{small_fs / 'report.db'}", "report")
+    add_customers(customer_url, range(1, CUSTOMERS + 1))
+    st = make_settings(tmp_path / "tree", customer_url, report_url, batch_size=500)
+    filler = small_fs / "filler"
+    free = os.statvfs(small_fs).f_bavail * os.statvfs(small_fs).f_frsize
+    filler.write_bytes(b"f" * max(0, free - 96 * 1024))  # leave ~96 KiB for the database
+    n = 6000
+    append(st, *(click(1 + i % CUSTOMERS) for i in range(n)))
+    with pytest.raises(Exception, match="full"):
+        Profiler(st, dbs=("report",)).run_until_idle()
+    assert shunted(st) == []
+    engine = make_engine(report_url)
+    with engine.connect() as conn:
+        facts = conn.execute(text("SELECT count(*) FROM click_facts")).scalar_one()
+        pos = conn.execute(text("SELECT coalesce(sum(records), 0) FROM consumer_positions"))
+        assert facts == pos.scalar_one() < n  # what committed matches its position
+    engine.dispose()
+    filler.unlink()
+    Profiler(st, dbs=("report",)).run_until_idle()
+    engine = make_engine(report_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM click_facts")).scalar_one() == n
+    engine.dispose()
+    assert shunted(st) == []
