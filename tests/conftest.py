@@ -42,6 +42,44 @@ def config_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """mount_tmpfs(size, inodes=None) -> a fresh tmpfs of that size (e.g. "64k") under
+    tmp_path, for full-disk tests; unmounted at the end. Root only: skipped where mounting is
+    not allowed."""
+    mounted: list[Path] = []
+
+    def mount(size: str, inodes: int | None = None) -> Path:
+        mnt = tmp_path / f"tmpfs{len(mounted)}"
+        mnt.mkdir()
+        opts = f"size={size}" + (f",nr_inodes={inodes}" if inodes else "")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(mnt)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A bound AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET (in /tmp:
+    AF_UNIX paths are limited to about 107 bytes)."""
+    path = Path("/tmp") / f"connectd-notify-{os.getpid()}-{tmp_path.name[-20:]}.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    try:
+        yield sock, str(path)
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+
+
+@pytest.fixture
 def settings(config_path: Path) -> settings_mod.Settings:
     return settings_mod.load(config_path, environ={})
 

@@ -297,20 +297,9 @@ def test_line_with_two_records_is_shunted_not_split(st: settings_mod.Settings) -
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):
-    """A 1 MiB tmpfs (root only); skipped where mounting is not allowed."""
-    import subprocess
-
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(mount_tmpfs) -> Path:
+    """A 1 MiB tmpfs."""
+    return mount_tmpfs("1m")
 
 
 @pytest.mark.slow

@@ -136,20 +136,6 @@ def helper(tmp_path: Path, config_path: Path) -> Iterator[Helper]:
         h.kill()
 
 
-@pytest.fixture
-def notify_socket(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    """A bound AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET."""
-    path = Path("/tmp") / f"connectd-daemon-{os.getpid()}-{tmp_path.name[-20:]}.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(5)
-    try:
-        yield sock, str(path)
-    finally:
-        sock.close()
-        path.unlink(missing_ok=True)
-
-
 # --- signals ------------------------------------------------------------------------------
 
 

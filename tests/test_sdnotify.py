@@ -6,8 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,17 +13,9 @@ from connectd import sdnotify
 
 
 @pytest.fixture
-def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
-    """A bound datagram socket on a filesystem path (short: AF_UNIX paths max ~107 bytes)."""
-    path = Path("/tmp") / f"connectd-notify-{os.getpid()}-{tmp_path.name}.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    sock.settimeout(2)
-    try:
-        yield sock, str(path)
-    finally:
-        sock.close()
-        path.unlink(missing_ok=True)
+def listener(notify_socket: tuple[socket.socket, str]) -> tuple[socket.socket, str]:
+    """systemd's side of NOTIFY_SOCKET (conftest.notify_socket)."""
+    return notify_socket
 
 
 def test_notify_sends_states_as_one_datagram(listener, monkeypatch) -> None:

@@ -668,18 +668,9 @@ def test_write_lines_requires_newline(spool: Spool) -> None:
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path):
-    """A 64 KiB tmpfs (root only); skipped where mounting is not allowed."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,nr_inodes=64", "tmpfs",
-                           str(mnt)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip() or done.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
+def small_fs(mount_tmpfs) -> Path:
+    """A 64 KiB tmpfs with 64 inodes."""
+    return mount_tmpfs("64k", 64)
 
 
 def test_disk_full_raises_and_keeps_earlier_records(small_fs: Path) -> None:
