@@ -56,6 +56,12 @@ class Daemon:
     def teardown(self) -> None:
         """Close what setup() opened; called once, also after an error."""
 
+    def alive(self) -> bool:
+        """Whether to tell systemd's watchdog that all is well (a daemon whose work happens
+        elsewhere, e.g. in worker processes, says False when that work is stuck, so systemd
+        restarts it)."""
+        return True
+
     def reload(self) -> None:
         """SIGHUP: re-read what is safe to re-read (rules, templates). Default: nothing."""
         self.log.info("reload", what="nothing to reload")
@@ -133,7 +139,7 @@ class Daemon:
             if now >= next_periodic:
                 self.periodic()
                 next_periodic = now + self.periodic_interval
-            if now >= next_ping:
+            if now >= next_ping and self.alive():
                 sdnotify.watchdog()
                 next_ping = now + ping_every
             if done == 0 and self._signals.empty() and not self._stopping:

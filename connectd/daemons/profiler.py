@@ -53,11 +53,14 @@ class Profiler(Daemon):
     name = "profiler"
     periodic_interval = 5.0
 
-    def __init__(self, settings: Settings, dbs: tuple[str, ...] = DATABASES) -> None:
+    def __init__(self, settings: Settings, dbs: tuple[str, ...] = DATABASES,
+                 heartbeat: Any = None) -> None:
         super().__init__(settings)
         self.dbs = dbs
+        self._heartbeat = heartbeat  # a worker's shared monotonic time of its last loop
         self._once = False
         self._workers: dict[str, Any] = {}
+        self._beats: dict[str, Any] = {}
         self.consumers: dict[tuple[str, str], Consumer] = {}
 
     @property
@@ -70,10 +73,13 @@ class Profiler(Daemon):
             self._check_schemas()  # here, so a bad database stops us before any worker starts
             ctx = _mp_context()
             for db in self.dbs:
-                proc = ctx.Process(target=_worker_main, args=(self.settings, db, os.getpid()),
+                beat = ctx.Value("d", time.monotonic(), lock=False)
+                proc = ctx.Process(target=_worker_main,
+                                   args=(self.settings, db, os.getpid(), beat),
                                    name=f"profiler.{db}", daemon=False)
                 proc.start()
                 self._workers[db] = proc
+                self._beats[db] = beat
                 self.log.info("worker started", db=db, pid=proc.pid)
             return
         self._setup_consumers()
@@ -93,6 +99,17 @@ class Profiler(Daemon):
             if not proc.is_alive():
                 raise WorkerDied(f"profiler worker for the {db} DB exited with status "
                                  f"{proc.exitcode}; stopping so the supervisor restarts us")
+
+    def alive(self) -> bool:
+        """Ping systemd's watchdog only while every worker's loop goes round: a worker stuck
+        (in a database call, say) for 3 watchdog intervals gets the whole profiler
+        restarted by systemd."""
+        stale_after = 3 * self.settings.daemon.watchdog_interval
+        now = time.monotonic()
+        stuck = [db for db, beat in self._beats.items() if now - beat.value > stale_after]
+        if stuck:
+            self.log.warning("worker not responding; not pinging the watchdog", dbs=stuck)
+        return not stuck
 
     def _signal_workers(self, signum: int) -> None:
         for proc in self._workers.values():
@@ -144,6 +161,8 @@ class Profiler(Daemon):
         if self._workers:
             self._check_workers()
             return 0
+        if self._heartbeat is not None:
+            self._heartbeat.value = time.monotonic()
         if time.monotonic() >= self._next_scan:
             self._refresh()
         done = 0
@@ -212,12 +231,12 @@ def check_schema(engine: Any, db: str) -> None:
                              "run `connectd init`")
 
 
-def _worker_main(settings: Settings, db: str, parent: int) -> None:
+def _worker_main(settings: Settings, db: str, parent: int, heartbeat: Any) -> None:
     """A worker process: the profiler for one database, as a daemon loop of its own."""
     _die_with_parent(parent)
     os.environ.pop("NOTIFY_SOCKET", None)  # the parent talks to systemd, not us
     log.configure(settings.log.level, settings.log.format)
-    raise SystemExit(Profiler(settings, dbs=(db,)).run())
+    raise SystemExit(Profiler(settings, dbs=(db,), heartbeat=heartbeat).run())
 
 
 def _worker_once(settings: Settings, db: str, max_steps: int | None, parent: int) -> int:

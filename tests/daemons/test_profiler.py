@@ -311,3 +311,38 @@ def test_uninitialised_database_exits_78(tmp_path: Path) -> None:
         assert done.returncode == EX_CONFIG
         assert "run `connectd init`" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_stuck_worker_stops_watchdog_pings(tree: Callable, notify_socket) -> None:
+    """The profiler pings systemd's watchdog only while both workers' loops go round: a
+    worker frozen (SIGSTOP) stops the pings, so systemd would restart the profiler; pings
+    resume when it runs again."""
+    sock, path = notify_socket
+    cfg, st = tree('[daemon]\nwatchdog_interval = 0.2\nidle_sleep = 0.1\n')
+    d = Daemon(cfg, env={"NOTIFY_SOCKET": path})
+
+    def pings(seconds: float) -> int:
+        n, end = 0, time.monotonic() + seconds
+        sock.settimeout(0.1)
+        while time.monotonic() < end:
+            try:
+                n += sock.recv(4096).count(b"WATCHDOG=1")
+            except TimeoutError:
+                pass
+        return n
+
+    try:
+        d.wait_started()
+        wait_for(lambda: len(_children(d.proc.pid)) >= 2, 10)
+        assert pings(1.5) >= 3
+        worker = _children(d.proc.pid)[0]
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            pings(1.0)  # the worker's last beat ages past 3 intervals
+            assert pings(1.5) == 0
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert pings(1.5) >= 3
+    finally:
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.finish() == 0
