@@ -131,12 +131,12 @@ class _Cluster:
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise RuntimeError(f"{' '.join(args[:2])} failed: {done.stderr.strip()}\n{tail}")
 
-    def start(self) -> str:
+    def start(self, shared_buffers: str = "16MB") -> str:
         # trust auth, no fsync, tiny buffers: a test server that starts in about a second.
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "-E", "UTF8",
                   "--no-sync", "--locale=C")
         opts = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c shared_buffers=16MB "
+                f"-c synchronous_commit=off -c full_page_writes=off -c shared_buffers={shared_buffers} "
                 "-c max_connections=200")
         self._run("pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l",
                   str(self.root / "server.log"), "-o", opts)

@@ -69,7 +69,7 @@ def _values(dialect: str, table: Table, columns: Sequence[str]) -> str:
         return f"VALUES ({', '.join(['?'] * len(columns))})"
     from sqlalchemy.dialects import postgresql
     types = [table.c[c].type.compile(dialect=postgresql.dialect()) for c in columns]
-    return "SELECT * FROM unnest(" + ", ".join(f"%s::{ty}[]" for ty in types) + ")"
+    return "SELECT * FROM unnest(" + ", ".join(f"%b::{ty}[]" for ty in types) + ")"
 
 
 def _params(dialect: str, rows: list[tuple]) -> Any:
