@@ -11,11 +11,15 @@ import sys
 import click
 
 DAEMONS: dict[str, str] = {
+    "sink": "local development mail farm: stores every message in a maildir",
     "profiler": "applies every event stream to the customer and report databases",
 }
 
 
 def _daemon_class(name: str) -> type:
+    if name == "sink":
+        from connectd.daemons.sink import Sink
+        return Sink
     if name == "profiler":
         from connectd.daemons.profiler import Profiler
         return Profiler
