@@ -1,0 +1,190 @@
+"""Signed tokens, pure: (key, non-negative int fields, kind) -> a short URL-safe string, and back.
+
+No I/O. The composer signs, the tracker and the processor verify; they share only the keys
+(connectd.secrets, newest first).
+
+Wire format (version 1), before encoding:
+
+    version byte (0x01) | fields as unsigned LEB128 varints | MAC (12 bytes)
+
+    MAC = HMAC-SHA256(key, version | len(kind) | kind | varints)[:12]
+
+Web tokens (`sign_token`) are base64url without padding: a click token for instance 123456,
+customer 12345678, link 9 is 28 characters. VERP tokens (`sign_verp`) are lower-case base32
+without padding, so they survive mail systems that change the case of local parts, and use only
+characters that are valid in an unquoted e-mail local part ([a-z2-7]).
+
+`kind` separates domains: "c" click, "o" open, "u" unsubscribe, "v" VERP. It is inside the MAC,
+not on the wire, so a click token verified as an unsubscribe token fails like a forgery would.
+
+Only one encoding of a given token verifies: varints must be minimal, base64/base32 must be
+canonical (no stray trailing bits), so tokens can be used as identifiers and tampering with any
+character is detected. Every problem with a token (garbage, truncated, over-long, tampered, wrong
+kind or key) raises BadToken and nothing else; caller mistakes (no keys, an invalid kind) raise
+ValueError.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import re
+from collections.abc import Sequence
+
+VERSION = 1
+MAC_LEN = 12  # 96 bits: forging one needs ~2**96 tries against a tracker that rate-limits far below
+MAX_FIELDS = 8
+MAX_FIELD = 2**64 - 1  # a varint of at most 10 bytes
+_MAX_RAW = 1 + MAX_FIELDS * 10 + MAC_LEN
+MAX_TOKEN_LEN = (_MAX_RAW * 8 + 4) // 5  # base32 is the longer encoding; anything longer is junk
+
+KINDS = {"click": "c", "open": "o", "unsubscribe": "u", "verp": "v"}
+_B64_RE = re.compile(r"[A-Za-z0-9_-]*\Z")
+_B32_RE = re.compile(r"[a-z2-7]*\Z")
+
+
+class BadToken(ValueError):
+    """A token that does not verify; `reason` says why (for logs, never shown to the public)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _as_bytes(key: bytes | str) -> bytes:
+    # Keys in the secrets file are text; accept either so callers need not encode each time.
+    raw = key.encode() if isinstance(key, str) else key
+    if not raw:
+        raise ValueError("empty signing key")
+    return raw
+
+
+def _kind_prefix(kind: str) -> bytes:
+    raw = kind.encode() if isinstance(kind, str) else b""
+    if not raw or len(raw) > 255:
+        raise ValueError(f"token kind must be 1-255 bytes, got {kind!r}")
+    return bytes((VERSION, len(raw))) + raw
+
+
+def _pack(fields: Sequence[int]) -> bytes:
+    if len(fields) > MAX_FIELDS:
+        raise BadToken(f"more than {MAX_FIELDS} fields")
+    out = bytearray()
+    for value in fields:
+        # bool is an int subclass; a True where an id belongs is a bug, not a 1
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise BadToken(f"field {value!r} is not an int")
+        if value < 0 or value > MAX_FIELD:
+            raise BadToken(f"field {value} outside 0..2**64-1")
+        while value > 0x7F:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
+
+
+def _unpack(payload: bytes) -> tuple[int, ...]:
+    fields: list[int] = []
+    value = shift = 0
+    start = 0
+    for i, byte in enumerate(payload):
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte & 0x80:
+            if i - start >= 9:
+                raise BadToken("varint longer than 10 bytes")
+            continue
+        if byte == 0 and i > start:
+            raise BadToken("non-minimal varint")
+        if value > MAX_FIELD:
+            raise BadToken("field larger than 2**64-1")
+        fields.append(value)
+        value = shift = 0
+        start = i + 1
+    if start != len(payload):
+        raise BadToken("truncated varint")
+    if len(fields) > MAX_FIELDS:
+        raise BadToken(f"more than {MAX_FIELDS} fields")
+    return tuple(fields)
+
+
+def _mac(key: bytes, prefix: bytes, payload: bytes) -> bytes:
+    return hmac.digest(key, prefix + payload, "sha256")[:MAC_LEN]
+
+
+def _seal(key: bytes | str, fields: Sequence[int], kind: str) -> bytes:
+    prefix = _kind_prefix(kind)
+    payload = _pack(fields)
+    return bytes((VERSION,)) + payload + _mac(_as_bytes(key), prefix, payload)
+
+
+def _open(keys: Sequence[bytes | str], raw: bytes, kind: str) -> tuple[int, ...]:
+    prefix = _kind_prefix(kind)
+    if not keys:
+        raise ValueError("no verification keys")
+    if len(raw) < 1 + MAC_LEN:
+        raise BadToken("too short")
+    if raw[0] != VERSION:
+        raise BadToken(f"unknown version {raw[0]}")
+    payload, mac = raw[1:-MAC_LEN], raw[-MAC_LEN:]
+    # Check every key, not the first that matches: the time taken says nothing about which.
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(_mac(_as_bytes(key), prefix, payload), mac)
+    if not ok:
+        raise BadToken("bad signature")
+    return _unpack(payload)
+
+
+def sign_token(key: bytes | str, *fields: int, kind: str) -> str:
+    """`fields` (non-negative ints) signed with `key` for use as `kind` -> base64url text.
+
+    Raises BadToken for a negative, non-int or too large field, or more than MAX_FIELDS."""
+    raw = _seal(key, fields, kind)
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def verify_token(keys: Sequence[bytes | str], token: str, kind: str) -> tuple[int, ...]:
+    """A token from `sign_token` with any of `keys` and the same `kind` -> its fields.
+
+    Raises BadToken for anything else."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_LEN:
+        raise BadToken("not a token")
+    if not _B64_RE.match(token):
+        raise BadToken("not base64url")
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        raise BadToken("not base64url") from None
+    # Unused trailing bits would let two spellings decode alike; only the canonical one counts.
+    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != token:
+        raise BadToken("non-canonical base64")
+    return _open(keys, raw, kind)
+
+
+def sign_verp(key: bytes | str, instance: int, customer: int) -> str:
+    """(instance, customer) signed for a VERP return path -> lower-case base32 local-part text."""
+    raw = _seal(key, (instance, customer), KINDS["verp"])
+    return base64.b32encode(raw).rstrip(b"=").decode("ascii").lower()
+
+
+def verify_verp(keys: Sequence[bytes | str], localpart: str) -> tuple[int, int]:
+    """A token from `sign_verp` (any letter case) -> (instance, customer); else BadToken.
+
+    `localpart` is the token alone: the caller strips any prefix or suffix it added."""
+    if not isinstance(localpart, str) or len(localpart) > MAX_TOKEN_LEN:
+        raise BadToken("not a token")
+    text = localpart.lower()
+    if not _B32_RE.match(text):
+        raise BadToken("not base32")
+    try:
+        raw = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        raise BadToken("not base32") from None
+    if base64.b32encode(raw).rstrip(b"=").decode("ascii").lower() != text:
+        raise BadToken("non-canonical base32")
+    fields = _open(keys, raw, KINDS["verp"])
+    if len(fields) != 2:
+        raise BadToken("not an (instance, customer) pair")
+    return fields[0], fields[1]
