@@ -84,10 +84,11 @@ def _register() -> None:
     from connectd.customers import customers_group
     from connectd.daemons import run_command
     from connectd.init import init_command
+    from connectd.segments import segment_group
     from connectd.spool_cli import spool_group
     from connectd.supervisor import up_command
 
-    for cmd in (init_command, up_command, run_command, customers_group, spool_group):
+    for cmd in (init_command, up_command, run_command, customers_group, spool_group, segment_group):
         main.add_command(cmd)
 
 
