@@ -265,3 +265,28 @@ def test_daemon_process_stores_mail_and_stops_on_term(tmp_path: Path) -> None:
     assert stored_lines[0]["daemon"] == "sink"
     assert stored_lines[0]["recipients"] == 2
     assert stored_lines[0]["size"] == len(message("daemon", "secret-body-text\r\n"))
+
+
+def test_connectd_up_only_sink_prints_the_maildir_and_stores_mail(tmp_path: Path) -> None:
+    """`connectd up --only sink` starts the sink, says where the mail goes, and stops on TERM."""
+    port = free_port()
+    cfg = write_config(tmp_path, extra=f"[sink]\nport = {port}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CONNECTD_")}
+    out_path = tmp_path / "up.out"
+    with open(out_path, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "connectd", "--config", str(cfg),
+                                 "up", "--only", "sink"], stdout=out,
+                                stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+        try:
+            _wait_listening(port, proc)
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                smtp.sendmail("from@example.com", ["to@example.com"], message("via-up"))
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    maildir = tmp_path / "spool" / "sink"
+    assert f"mail sink: 127.0.0.1:{port} (maildir: {maildir})" in out_path.read_text()
+    assert len(list((maildir / "new").iterdir())) == 1
