@@ -168,7 +168,8 @@ def decode(line: bytes) -> dict[str, Any]:
     return rec
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory: the names created, renamed or removed in it survive a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -200,7 +201,7 @@ def create_file_once(path: Path, data: bytes, mode: int = 0o644) -> bool:
         return False
     finally:
         os.unlink(tmp)
-    _fsync_dir(path.parent)  # the new name survives a crash
+    fsync_dir(path.parent)  # the new name survives a crash
     return True
 
 
@@ -397,7 +398,7 @@ class Spool:
                 os.unlink(seg.path)
             removed.append(seg)
         if removed and not dry_run:
-            _fsync_dir(self.stream_dir(name))  # gc is not data: a crash here only re-keeps files
+            fsync_dir(self.stream_dir(name))  # gc is not data: a crash here only re-keeps files
         return removed
 
     def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
@@ -538,7 +539,7 @@ class StreamWriter:
                 raise SpoolError(f"stream {self.name!r}: disk full; cannot start segment "
                                  f"{number}") from exc
             raise
-        _fsync_dir(self.dir)  # the new segment's name survives a crash, with what we put in it
+        fsync_dir(self.dir)  # the new segment's name survives a crash, with what we put in it
         self._segment = number
         self._size = 0
         self._started = time.time()

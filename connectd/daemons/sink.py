@@ -30,6 +30,7 @@ from aiosmtpd.controller import Controller
 
 from connectd.daemon import Daemon
 from connectd.settings import Settings
+from connectd.spool import fsync_dir
 
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024  # bytes; larger messages are refused with 552
 RCPT_HEADER = "X-Connectd-Sink-Rcpt"
@@ -39,14 +40,6 @@ _SUBDIRS = ("tmp", "new", "cur")
 def maildir_path(settings: Settings) -> Path:
     """Where the sink stores mail (the supervisor prints this path too)."""
     return settings.paths.spool / "sink"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _header_value(text: str) -> bytes:
@@ -80,7 +73,7 @@ class Maildir:
         """Make tmp/ new/ cur/ (idempotent)."""
         for sub in _SUBDIRS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        _fsync_dir(self.root)  # the subdirectories survive a crash before the first message
+        fsync_dir(self.root)  # the subdirectories survive a crash before the first message
 
     def _unique_name(self) -> str:
         with self._lock:
@@ -102,7 +95,7 @@ class Maildir:
             tmp.unlink(missing_ok=True)
             raise
         try:
-            _fsync_dir(new.parent)  # the name in new/ survives a crash once we have said 250
+            fsync_dir(new.parent)  # the name in new/ survives a crash once we have said 250
         except BaseException:
             # We are about to answer 451 and the client will send it again: no second copy.
             new.unlink(missing_ok=True)
