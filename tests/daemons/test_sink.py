@@ -214,7 +214,7 @@ def test_failed_directory_fsync_leaves_no_copy(start_sink: Callable[..., Sink],
     def failing_fsync_dir(path: Path) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(sink_mod, "_fsync_dir", failing_fsync_dir)
+    monkeypatch.setattr(sink_mod, "fsync_dir", failing_fsync_dir)
     with client(sink) as smtp, pytest.raises(smtplib.SMTPDataError) as refused:
         smtp.sendmail("from@example.com", ["to@example.com"], message("eio"))
     assert refused.value.smtp_code == 451
