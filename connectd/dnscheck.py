@@ -382,6 +382,8 @@ def check_sender_domain(domain: str, dkim_selectors: Sequence[str], *,
                         relay_ips: Sequence[str] = ()) -> DomainReport:
     """Check SPF, DKIM and DMARC for a From domain; never raises for DNS trouble."""
     domain = domain.strip().rstrip(".").lower()
+    if isinstance(dkim_selectors, str):  # a str is a Sequence[str]: "s1" must not mean s, 1
+        dkim_selectors = [dkim_selectors]
     logger = log.get(component="dnscheck", domain=domain)
     findings: list[Finding] = []
     try:

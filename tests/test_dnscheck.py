@@ -330,6 +330,14 @@ def test_outage_midway_keeps_findings_and_adds_one_warning(dns_zone: dict) -> No
     assert "some" in report.findings[1].message
 
 
+def test_single_selector_string_is_one_selector(dns_zone: dict) -> None:
+    """A bare string for dkim_selectors is one selector, not one per character."""
+    with DnsServer(dns_zone) as server:
+        report = check_sender_domain("example.com", "s1", resolver=server.resolver())
+    assert [f.message for f in report.findings if f.check == "dkim"] == [
+        "selector 's1': rsa 2048-bit key"]
+
+
 def test_invalid_domain_name_is_an_error() -> None:
     """A From domain that is not a DNS name is reported, not raised."""
     report = check_sender_domain("a" * 70 + ".example.com", ["s1"])
