@@ -740,7 +740,16 @@ class StreamReader:
         if after > 0 and os.path.exists(d / _segment_name(after + 1)):
             return after + 1
         later = [n for n in _segment_numbers(d) if n > after]
-        return min(later) if later else None
+        if not later:
+            return None
+        first = min(later)
+        # readdir promises nothing about entries created while it runs: a listing taken as the
+        # writer rolls can show N+2 but not N+1 (found by the roll-over-under-load test). The
+        # writer creates segments in order, so anything listed implies its predecessors exist:
+        # step back over those the listing missed, so no segment is ever skipped.
+        while first - 1 > after and os.path.exists(d / _segment_name(first - 1)):
+            first -= 1
+        return first
 
     def read(self, max_records: int = 1000) -> Batch | None:
         """The next batch of at most max_records complete lines (from one segment), or None
