@@ -16,7 +16,9 @@ Outputs: calls to those methods in the right order, sd_notify messages, one exit
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -25,6 +27,40 @@ from typing import Any
 
 from connectd import log, sdnotify
 from connectd.settings import Settings
+
+
+class _Waker:
+    """Ends the loop's idle sleep, from another thread or from a signal handler: one byte
+    written to a pipe, which is safe anywhere. (threading.Event.set() from a signal handler
+    can deadlock: the handler runs in the main thread, which may be holding the Event's own
+    lock inside Event.wait() at that instant; found as a hung HUP in a test.)"""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+
+    def set(self) -> None:
+        try:
+            os.write(self._w, b"\0")
+        except OSError:  # pipe full (a wake-up is pending anyway) or closed at exit
+            pass
+
+    def wait(self, timeout: float) -> None:
+        select.select([self._r], [], [], timeout)
+
+    def clear(self) -> None:
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def __del__(self) -> None:
+        for fd in (self._r, self._w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
 
@@ -38,7 +74,7 @@ class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.log = log.get(daemon=self.name)
-        self._wake = threading.Event()
+        self._wake = _Waker()
         self._signals: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._stopping = False
 
