@@ -110,19 +110,17 @@ class Consumer:
         self.decoder = msgspec.json.Decoder(self.catalogue)
         self.batch_decoder = msgspec.json.Decoder(list[self.catalogue])  # type: ignore[name-defined]
         self.cache: dict[str, Any] = {}
-        self.records = 0
         self.log = log.get(daemon="profiler", stream=stream, consumer=name)
         self.reader = spool.reader(stream, self._stored_position())
 
     def _stored_position(self) -> Position:
         t = self.table
         with self.engine.connect() as conn:
-            row = conn.execute(select(t.c.segment, t.c.offset, t.c.records).where(
+            row = conn.execute(select(t.c.segment, t.c.offset).where(
                 t.c.spool_id == self.spool_id, t.c.stream == self.stream,
                 t.c.consumer == self.name)).first()
         if row is None:
             return Position(0, 0)
-        self.records = row.records
         return Position(row.segment, row.offset)
 
     def close(self) -> None:
@@ -223,7 +221,6 @@ class Consumer:
                             for idx, rec in zip(reversed(run.lines), reversed(run.records),
                                                 strict=True) if idx not in failed), None)
             self._store_position(conn, batch.end, batch.count, last_ts)
-        self.records += batch.count
         if shunts:
             self.log.warning("shunted records", count=len(shunts), first_reason=shunts[0][1])
 
