@@ -10,7 +10,7 @@ not know, which is how the format evolves without breaking old readers.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -38,6 +38,38 @@ class LinkClicked(Record, tag="link.clicked", frozen=True):
     ua: str = ""  # user agent
     ip: str | None = None  # possibly truncated for privacy
     machine: bool = False  # a scanner or pre-fetcher, not a person
+
+
+class ComposerSent(Record, tag="composer.sent", frozen=True):
+    """The outcome of one hand-off of one target to the mail farm (the composer writes these;
+    `ts` = when the relay answered). `attempt` counts hand-offs of this target from 1, which
+    makes the applier idempotent: an outcome for an attempt already applied changes nothing.
+    Failures before the hand-off (a render error, an unusable address) are outcome "failed"
+    with the reason in `reply` and an empty `relay`."""
+
+    instance: int  # message instance
+    customer: int
+    batch: int
+    attempt: int
+    outcome: Literal["sent", "deferred", "failed"]
+    reply: str = ""  # the relay's final reply, e.g. "250 2.0.0 Ok: queued as 4XyZ"
+    queue_id: str | None = None  # the relay's queue id, parsed from the reply when it has one
+    relay: str = ""  # host:port that answered
+    composer: str = ""  # the composer's name
+
+
+class ComposerContent(Record, tag="composer.content", frozen=True):
+    """What was sent to whom, in the detail reports need (one per message handed off)."""
+
+    instance: int
+    customer: int
+    message_id: str  # the Message-ID header, without angle brackets
+    subject: str  # as rendered for this customer
+    size: int  # bytes handed to the relay, DKIM signature included
+    links: int  # tracked links in the message
+    domain: str  # the recipient's domain, lower case
+    content_hash: str  # the content this launch sent (sha256 hex of the fetched parts)
+    segment: int | None = None
 
 
 def record_type(cls: type[Record]) -> str:

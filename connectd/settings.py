@@ -117,7 +117,38 @@ class SinkSettings:
 @dataclass(frozen=True)
 class RelaySettings:
     hosts: tuple[str, ...] = setting(("127.0.0.1:8026",), "mail farm SMTP relays as host:port")
-    connections: int = setting(4, "SMTP connections per composer")
+    connections: int = setting(4, "SMTP connections per composer (spread over the relays)")
+    starttls: Literal["opportunistic", "required", "off"] = setting(
+        "opportunistic", "STARTTLS when the relay offers it, always (fail otherwise), or never")
+    timeout: float = setting(30.0, "seconds to wait for any one SMTP reply before giving up")
+
+
+@dataclass(frozen=True)
+class ManagerSettings:
+    poll_interval: float = setting(1.0, "how often to look for ready/due instances and finished batches")
+    batch_seconds: float = setting(5.0, "size batches to about this many seconds of a composer's measured rate")
+    batch_min: int = setting(50, "smallest batch of mail objects")
+    batch_max: int = setting(5000, "largest batch of mail objects")
+    backlog: int = setting(2, "batches kept ready per live composer (more: smoother; fewer: quicker pause)")
+    composer_timeout: float = setting(60.0, "a composer silent this long is treated as gone")
+    quiet_hours: str = setting("", "no new batches in this daily window, e.g. \"22:00-07:00\" (empty: none)")
+    timezone: str = setting("UTC", "time zone of quiet_hours and of cron expressions (IANA name)")
+    retry_first: float = setting(1800.0, "seconds before the first retry of deferred mail")
+    retry_longest: float = setting(86400.0, "retry waits double up to this many seconds")
+    retry_attempts: int = setting(10, "hand-offs of one message in all before it is failed")
+
+
+@dataclass(frozen=True)
+class ComposerSettings:
+    window: int = setting(50, "in-flight window: targets marked sending per commit (at most this many unknown after a kill)")
+    lease: float = setting(60.0, "seconds a claimed batch stays claimed without renewal before another composer may take it")
+    rate_global: float = setting(0.0, "messages per second for all composers together (0: unlimited)")
+    rate_per_domain: float = setting(0.0, "default messages per second per recipient domain, all composers together (0: unlimited)")
+    domain_rates: tuple[str, ...] = setting((), "per-domain exceptions as \"domain=rate\", e.g. [\"gmail.com=50\"]")
+    from_address: str = setting("connectd@localhost", "From address when a campaign has none")
+    content_timeout: float = setting(10.0, "seconds to fetch a message's content by URL")
+    dkim_dir: Path = setting(Path("dkim"), "DKIM keys: <domain>.rsa.pem and/or <domain>.ed25519.pem")
+    dkim_selector: str = setting("connectd", "DKIM selector (the rsa key); ed25519 uses <selector>-ed")
 
 
 @dataclass(frozen=True)
@@ -138,6 +169,8 @@ class Settings:
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
     sink: SinkSettings = field(default_factory=SinkSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
+    manager: ManagerSettings = field(default_factory=ManagerSettings)
+    composer: ComposerSettings = field(default_factory=ComposerSettings)
     log: LogSettings = field(default_factory=LogSettings)
     source: Path | None = field(default=None, compare=False)  # the file these came from
 

@@ -46,7 +46,11 @@ MESSAGE_KINDS = ("main", "trial", "followup")
 TRIGGER_EVENTS = ("sent", "opened", "clicked", "not_opened", "not_clicked", "replied",
                   "bounced")
 INSTANCE_STATUSES = ("ready", "preparing", "executing", "paused", "done", "failed")
-TARGET_STATUSES = ("pending", "batched", "sent", "deferred", "failed", "unknown")
+# pending -> batched (manager put it in a batch) -> sending (a composer's in-flight window,
+# committed before the hand-off) -> sent | deferred | failed (the composer.sent applier);
+# sending -> unknown when the batch is taken over after its composer died (never resent);
+# deferred -> batched again when its retry is due.
+TARGET_STATUSES = ("pending", "batched", "sending", "sent", "deferred", "failed", "unknown")
 BATCH_STATUSES = ("pending", "claimed", "done", "failed")
 ROLE_NAMES = ("admin", "marketer", "approver", "viewer")
 
@@ -420,6 +424,21 @@ class ComposerHeartbeat(CustomerBase):
     throughput: Mapped[float] = mapped_column(
         Float, nullable=False, default=0.0, server_default=text("0"))  # messages per second
     backlog: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+
+
+class RateBucket(CustomerBase):
+    """A token bucket shared by every composer (on every host): key "global" or
+    "domain:<recipient domain>". Composers take tokens in small chunks inside one short
+    transaction; `tokens` refills at `rate` per second up to `burst`, as of `updated_at`
+    (seconds since the epoch, a float so the arithmetic is plain SQL on both databases)."""
+
+    __tablename__ = "rate_buckets"
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    rate: Mapped[float] = mapped_column(Float, nullable=False)
+    burst: Mapped[float] = mapped_column(Float, nullable=False)
+    tokens: Mapped[float] = mapped_column(Float, nullable=False)
+    updated_at: Mapped[float] = mapped_column(Float, nullable=False)
 
 
 # --- users ---------------------------------------------------------------------------------------

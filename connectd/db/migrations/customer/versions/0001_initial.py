@@ -37,6 +37,14 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_composer_heartbeats')),
     sa.UniqueConstraint('name', name=op.f('uq_composer_heartbeats_name'))
     )
+    op.create_table('rate_buckets',
+    sa.Column('key', sa.String(length=300), nullable=False),
+    sa.Column('rate', sa.Float(), nullable=False),
+    sa.Column('burst', sa.Float(), nullable=False),
+    sa.Column('tokens', sa.Float(), nullable=False),
+    sa.Column('updated_at', sa.Float(), nullable=False),
+    sa.PrimaryKeyConstraint('key', name=op.f('pk_rate_buckets'))
+    )
     op.create_table('consumer_positions',
     sa.Column('spool_id', sa.String(length=64), nullable=False),
     sa.Column('stream', sa.String(length=128), nullable=False),
@@ -281,7 +289,7 @@ def upgrade() -> None:
     sa.Column('last_reply', sa.Text(), nullable=True),
     sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
-    sa.CheckConstraint("status IN ('pending', 'batched', 'sent', 'deferred', 'failed', 'unknown')", name=op.f('ck_targets_status')),
+    sa.CheckConstraint("status IN ('pending', 'batched', 'sending', 'sent', 'deferred', 'failed', 'unknown')", name=op.f('ck_targets_status')),
     sa.ForeignKeyConstraint(['batch_id'], ['mail_batches.id'], name=op.f('fk_targets_batch_id_mail_batches'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_targets_customer_id_customers'), ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['instance_id'], ['message_instances.id'], name=op.f('fk_targets_instance_id_message_instances'), ondelete='CASCADE'),
@@ -319,6 +327,7 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_targets_customer_id'), table_name='targets')
     op.drop_index(op.f('ix_targets_batch_id'), table_name='targets')
     op.drop_table('targets')
+    op.drop_table('rate_buckets')
     op.drop_index('ix_mail_batches_status_lease_expires_at', table_name='mail_batches')
     op.drop_index(op.f('ix_mail_batches_instance_id'), table_name='mail_batches')
     op.drop_table('mail_batches')
