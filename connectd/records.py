@@ -45,13 +45,15 @@ class ComposerSent(Record, tag="composer.sent", frozen=True):
     `ts` = when the relay answered). `attempt` counts hand-offs of this target from 1, which
     makes the applier idempotent: an outcome for an attempt already applied changes nothing.
     Failures before the hand-off (a render error, an unusable address) are outcome "failed"
-    with the reason in `reply` and an empty `relay`."""
+    with the reason in `reply` and an empty `relay`. "unknown": the connection was lost after
+    the message data was sent and before the relay's reply, so the relay may or may not have
+    taken it (never resent automatically)."""
 
     instance: int  # message instance
     customer: int
     batch: int
     attempt: int
-    outcome: Literal["sent", "deferred", "failed"]
+    outcome: Literal["sent", "deferred", "failed", "unknown"]
     reply: str = ""  # the relay's final reply, e.g. "250 2.0.0 Ok: queued as 4XyZ"
     queue_id: str | None = None  # the relay's queue id, parsed from the reply when it has one
     relay: str = ""  # host:port that answered

@@ -13,6 +13,9 @@ import click
 DAEMONS: dict[str, str] = {
     "sink": "local development mail farm: stores every message in a maildir",
     "profiler": "applies every event stream to the customer and report databases",
+    "web": "content server (files under paths.content_root, inline content)",
+    "manager": "prepares launched messages into targets and batches; retries; completion",
+    "composer": "claims batches, renders, signs and hands mail to the relays (--instance N)",
 }
 
 
@@ -23,6 +26,15 @@ def _daemon_class(name: str) -> type:
     if name == "profiler":
         from connectd.daemons.profiler import Profiler
         return Profiler
+    if name == "web":
+        from connectd.daemons.web import Web
+        return Web
+    if name == "manager":
+        from connectd.daemons.manager import Manager
+        return Manager
+    if name == "composer":
+        from connectd.daemons.composer import Composer
+        return Composer
     raise KeyError(name)
 
 
@@ -30,7 +42,9 @@ def _daemon_class(name: str) -> type:
 @click.argument("name", type=click.Choice(sorted(DAEMONS)), metavar="NAME")
 @click.option("--once", is_flag=True,
               help="Work until there is nothing left to do, then exit (for cron and tests).")
-def run_command(name: str, once: bool) -> None:
+@click.option("--instance", type=click.IntRange(1, 999), default=1, show_default=True,
+              help="composer only: which composer of this host (names its streams and lease).")
+def run_command(name: str, once: bool, instance: int) -> None:
     """Run one daemon (NAME) in the foreground, as systemd and `connectd up` do.
 
     \b
@@ -40,7 +54,8 @@ def run_command(name: str, once: bool) -> None:
     from connectd.settings import EX_CONFIG
 
     ctx = click.get_current_context().obj
-    daemon = _daemon_class(name)(ctx.settings)
+    cls = _daemon_class(name)
+    daemon = cls(ctx.settings, instance=instance) if name == "composer" else cls(ctx.settings)
     try:
         if once:
             n = daemon.run_until_idle()
