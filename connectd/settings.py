@@ -140,6 +140,7 @@ class ManagerSettings:
 
 @dataclass(frozen=True)
 class ComposerSettings:
+    processes: int = setting(1, "composer processes `connectd up` starts on this host (--instance 1..N)")
     window: int = setting(50, "in-flight window: targets marked sending per commit (at most this many unknown after a kill)")
     lease: float = setting(60.0, "seconds a claimed batch stays claimed without renewal before another composer may take it")
     rate_global: float = setting(0.0, "messages per second for all composers together (0: unlimited)")
@@ -359,6 +360,16 @@ def _check_ranges(section: str, obj: Any) -> None:
                             "(at least 1024)", key="spool.segment_max_bytes")
     if section == "profiler" and obj.batch_size < 1:
         raise SettingsError("profiler.batch_size: must be at least 1", key="profiler.batch_size")
+    at_least_one = {"relay": ("connections",), "composer": ("window", "processes"),
+                    "manager": ("batch_min", "retry_attempts")}
+    for name in at_least_one.get(section, ()):
+        if getattr(obj, name) < 1:
+            raise SettingsError(f"{section}.{name}: must be at least 1", key=f"{section}.{name}")
+    if section == "manager" and obj.batch_max < obj.batch_min:
+        raise SettingsError("manager.batch_max: must be at least manager.batch_min",
+                            key="manager.batch_max")
+    if section == "relay" and not obj.hosts:
+        raise SettingsError("relay.hosts: name at least one relay as host:port", key="relay.hosts")
 
 
 def describe(settings: Settings) -> list[tuple[str, Any, str]]:

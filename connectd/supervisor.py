@@ -357,8 +357,24 @@ def select_daemons(available: Sequence[str], only: str | None, sink_enabled: boo
 
 
 def daemon_command(name: str, config: Path) -> list[str]:
-    """The argv of one child: the same interpreter and settings file as the supervisor."""
-    return [sys.executable, "-m", "connectd", "--config", str(config), "run", name]
+    """The argv of one child: the same interpreter and settings file as the supervisor.
+    "composer-N" runs `connectd run composer --instance N`."""
+    argv = [sys.executable, "-m", "connectd", "--config", str(config), "run"]
+    daemon, _, instance = name.partition("-")
+    if daemon == "composer" and instance:
+        return [*argv, daemon, "--instance", instance]
+    return [*argv, name]
+
+
+def expand_instances(names: Sequence[str], composers: int) -> list[str]:
+    """`names` with "composer" replaced by composer-1 ... composer-N (composer.processes)."""
+    out: list[str] = []
+    for name in names:
+        if name == "composer":
+            out.extend(f"composer-{i}" for i in range(1, composers + 1))
+        else:
+            out.append(name)
+    return out
 
 
 def banner(settings: Any, names: Sequence[str]) -> list[str]:
@@ -403,6 +419,7 @@ def up_command(only: str | None, stop_timeout: float) -> None:
     config = settings.source
     if config is None:  # pragma: no cover - settings loaded by the CLI always have a source
         raise click.ClickException("settings have no source file to hand to the daemons")
+    names = expand_instances(names, settings.composer.processes)
     for line in banner(settings, names):
         click.echo(line)
     supervisor = Supervisor({name: daemon_command(name, config) for name in names},

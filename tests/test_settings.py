@@ -287,3 +287,25 @@ def test_checkout_config_is_valid_toml_with_only_known_keys() -> None:
     for section, table in raw.items():
         for key in table:
             assert f"{section}.{key}" in declared
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("relay", "connections", "0"), ("composer", "window", "0"), ("composer", "processes", "0"),
+    ("manager", "batch_min", "0"), ("manager", "retry_attempts", "0"),
+    ("manager", "batch_max", "10"),
+])
+def test_outbound_settings_ranges(tmp_path: Path, section: str, key: str, value: str) -> None:
+    """Counts that must be at least 1 (and batch_max >= batch_min) are refused naming the key."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(SettingsError) as err:
+        settings_mod.load(cfg, environ={})
+    assert err.value.key == f"{section}.{key}"
+
+
+def test_relay_needs_a_host(tmp_path: Path) -> None:
+    """An empty relay list is refused: the composers would have nowhere to send."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[relay]\nhosts = []\n")
+    with pytest.raises(SettingsError, match="relay.hosts"):
+        settings_mod.load(cfg, environ={})

@@ -22,7 +22,13 @@ from typing import Any
 
 import pytest
 
-from connectd.supervisor import backoff_delay, describe_status, select_daemons
+from connectd.supervisor import (
+    backoff_delay,
+    daemon_command,
+    describe_status,
+    expand_instances,
+    select_daemons,
+)
 
 # A child that records its start, the signals it gets and whether it saw NOTIFY_SOCKET in
 # <record>/<name>.events, then behaves as the MODE argument says.
@@ -377,6 +383,15 @@ def test_select_daemons() -> None:
     assert select_daemons(available, "sink,profiler", False) == ["profiler", "sink"]
     with pytest.raises(Exception, match="no daemon nope"):
         select_daemons(available, "profiler,nope", True)
+
+
+def test_composer_instances() -> None:
+    """composer.processes = 3 starts composer-1..3, each `run composer --instance N`."""
+    names = expand_instances(["sink", "profiler", "manager", "composer"], 3)
+    assert names == ["sink", "profiler", "manager", "composer-1", "composer-2", "composer-3"]
+    argv = daemon_command("composer-2", Path("/etc/c.toml"))
+    assert argv[-4:] == ["run", "composer", "--instance", "2"]
+    assert daemon_command("profiler", Path("/etc/c.toml"))[-2:] == ["run", "profiler"]
 
 
 # -- the real command ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from connectd import settings
 UNITS = Path(__file__).resolve().parent.parent / "etc" / "systemd"
 TEMPLATE = UNITS / "connectd@.service"
 TARGET = UNITS / "connectd.target"
+COMPOSERS = UNITS / "connectd-composer@.service"
 
 
 def unit_keys(path: Path) -> dict[str, list[str]]:
@@ -74,6 +75,8 @@ def unit_dir(tmp_path: Path) -> Path:
     assert "ExecStart=/usr/local/bin/connectd run %i" in text
     (tmp_path / TEMPLATE.name).write_text(text.replace("/usr/local/bin/connectd", str(exe)))
     shutil.copy(TARGET, tmp_path / TARGET.name)
+    (tmp_path / COMPOSERS.name).write_text(
+        COMPOSERS.read_text().replace("/usr/local/bin/connectd", str(exe)))
     return tmp_path
 
 
@@ -82,6 +85,20 @@ def test_units_verify_cleanly(unit_dir: Path) -> None:
     status, ours = verify(unit_dir, "connectd@profiler.service", "connectd.target")
     assert ours == []
     assert status == 0
+
+
+def test_composer_template_verifies(unit_dir: Path) -> None:
+    """connectd-composer@N.service verifies too, and runs `run composer --instance N`."""
+    status, ours = verify(unit_dir, "connectd-composer@2.service")
+    assert ours == []
+    assert status == 0
+    keys = unit_keys(COMPOSERS)
+    assert keys["Service.ExecStart"] == ["/usr/local/bin/connectd run composer --instance %i"]
+    # the same hardening and restart policy as every other daemon
+    template = unit_keys(TEMPLATE)
+    for key in ("Service.Type", "Service.RestartPreventExitStatus", "Service.WatchdogSec",
+                "Service.MemoryDenyWriteExecute", "Service.SystemCallFilter", "Unit.PartOf"):
+        assert keys[key] == template[key], key
 
 
 def test_verify_would_catch_a_mistake(unit_dir: Path) -> None:
