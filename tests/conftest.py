@@ -287,3 +287,71 @@ def migrated_report_url(db_backend: str, request: pytest.FixtureRequest, tmp_pat
     """A fresh report DB at head, on db_backend; a separate database from
     migrated_customer_url, so a test may use both side by side."""
     return _migrated_copy(db_backend, "report", request, tmp_path)
+
+
+# --- outbound: a launched instance with targets in one batch (composer engineer) --------------
+
+
+def seed_outbound(url: str, customers: int = 10, *, html_url: str | None = "http://127.0.0.1:9/h",
+                  text_url: str | None = None, subject: str = "Hello [First Name|friend]",
+                  from_address: str | None = "news@example.com", batches: int = 1,
+                  attributes: Callable[[int], dict] | None = None,
+                  email: Callable[[int], str] | None = None) -> dict:
+    """Insert customers 1..N, a running campaign with one main message and content (by URL),
+    an instance "executing", targets "batched" split over `batches` pending batches.
+    Returns {"instance": id, "message": id, "batches": [ids], "targets": [ids]}."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert, select
+
+    from connectd.db import customer as m
+    from connectd.db.engine import make_engine
+
+    now = datetime.now(UTC)
+    attributes = attributes or (lambda i: {"first_name": f"Ann{i}"})
+    email = email or (lambda i: f"c{i}@example.com")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(insert(m.Customer), [
+                {"id": i, "email": email(i), "email_key": email(i).lower(),
+                 "attributes": attributes(i), "created_at": now, "updated_at": now}
+                for i in range(1, customers + 1)])
+            conv = conn.execute(insert(m.Conversation).values(name="news").returning(
+                m.Conversation.id)).scalar_one()
+            camp = conn.execute(insert(m.Campaign).values(
+                name="spring", status="running", conversation_id=conv,
+                from_address=from_address).returning(m.Campaign.id)).scalar_one()
+            content = conn.execute(insert(m.Content).values(
+                subject=subject, html_url=html_url, text_url=text_url).returning(
+                m.Content.id)).scalar_one()
+            msg = conn.execute(insert(m.Message).values(
+                campaign_id=camp, name="main", kind="main", content_id=content).returning(
+                m.Message.id)).scalar_one()
+            inst = conn.execute(insert(m.MessageInstance).values(
+                message_id=msg, status="executing", scheduled_at=now, started_at=now,
+                target_count=customers).returning(m.MessageInstance.id)).scalar_one()
+            per = -(-customers // batches)
+            batch_ids = []
+            for b in range(batches):
+                ids = range(b * per + 1, min(customers, (b + 1) * per) + 1)
+                bid = conn.execute(insert(m.MailBatch).values(
+                    instance_id=inst, status="pending", size=len(ids)).returning(
+                    m.MailBatch.id)).scalar_one()
+                batch_ids.append(bid)
+                if ids:
+                    conn.execute(insert(m.Target), [
+                        {"instance_id": inst, "customer_id": i, "batch_id": bid,
+                         "status": "batched", "updated_at": now} for i in ids])
+            targets = conn.execute(select(m.Target.id).where(
+                m.Target.instance_id == inst).order_by(m.Target.id)).scalars().all()
+    finally:
+        engine.dispose()
+    return {"instance": inst, "message": msg, "batches": batch_ids, "targets": list(targets),
+            "content": content, "campaign": camp}
+
+
+@pytest.fixture
+def outbound_seed() -> Callable[..., dict]:
+    """seed_outbound(url, customers=10, ...) -> ids of a launched instance with one batch."""
+    return seed_outbound
