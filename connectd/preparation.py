@@ -14,7 +14,10 @@ an entry of kind "address"), suppressed domains (the part of email_key after the
 equal to an entry of kind "domain"; subdomains are not included), customers this instance
 already targets (so a second run adds nothing), and, when the campaign is kind "normal" (sent
 once), customers holding a target of ANOTHER instance of the same message in any status but
-"failed" (recurring, event and subscription campaigns mail again on every occurrence).
+"failed" (recurring, event and subscription campaigns mail again on every occurrence), and,
+for a recurring campaign with `every_n_days`, customers holding a target (not failed) of
+another instance of this campaign scheduled less than N days before this one (to the
+nearest day; "recently_mailed").
 Suppression values are compared lower-cased, so entries in any case match.
 
 A message with `segment_id` goes to that segment's customers only (first-match still decides
@@ -47,7 +50,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -111,7 +114,7 @@ class PrepResult:
 
 EXCLUSION_REASONS = ("opting_in", "opted_out", "bounced_out", "audience", "no_segment",
                      "other_segment", "suppressed_address", "suppressed_domain",
-                     "already_targeted", "already_mailed")
+                     "already_targeted", "already_mailed", "recently_mailed")
 
 
 # --- random splits ---------------------------------------------------------------------------
@@ -269,7 +272,29 @@ def _exclusions(plan: _Plan, dialect: str) -> list[tuple[str, ColumnElement[bool
                   .where(MessageInstance.message_id == plan.message.id,
                          MessageInstance.id != instance_id, Target.status != "failed"))
         found.append(("already_mailed", Customer.id.in_(mailed)))
+    if plan.campaign.kind == "recurring" and plan.campaign.every_n_days:
+        found.append(("recently_mailed", Customer.id.in_(_recently_mailed(plan))))
     return found
+
+
+# Days are counted between the runs' scheduled times, to the nearest day: daily runs of
+# every_n_days drift by the poll delay and by an hour across a DST change, and a customer
+# due after exactly N days must not be pushed to N+1 by that.
+_DAY_SLACK = timedelta(hours=12)
+
+
+def _recently_mailed(plan: _Plan) -> Any:
+    """Customers holding a target (not failed) of another instance of this campaign that was
+    scheduled less than every_n_days before this one: "every N days since this customer's
+    last message" (a target's age is its instance's scheduled time)."""
+    cutoff = (plan.instance.scheduled_at - timedelta(days=plan.campaign.every_n_days)
+              + _DAY_SLACK)
+    return (select(Target.customer_id)
+            .join(MessageInstance, MessageInstance.id == Target.instance_id)
+            .join(Message, Message.id == MessageInstance.message_id)
+            .where(Message.campaign_id == plan.campaign.id,
+                   MessageInstance.id != plan.instance.id, Target.status != "failed",
+                   MessageInstance.scheduled_at > literal(cutoff, UtcDateTime())))
 
 
 def _subscribers(plan: _Plan, status: str | None = "active") -> Any:
