@@ -81,6 +81,8 @@ def config_show(ctx: Context, as_json: bool) -> None:
 
 def _register() -> None:
     """Attach the commands each area owns."""
+    from connectd.campaign_cli import campaign_group
+    from connectd.conversations import conversation_group, subscribe_group, suppression_group
     from connectd.customers import customers_group
     from connectd.daemons import run_command
     from connectd.init import init_command
@@ -89,6 +91,8 @@ def _register() -> None:
     from connectd.supervisor import up_command
 
     for cmd in (init_command, up_command, run_command, customers_group, spool_group, segment_group):
+        main.add_command(cmd)
+    for cmd in (conversation_group, subscribe_group, suppression_group, campaign_group):
         main.add_command(cmd)
 
 
