@@ -29,6 +29,11 @@ from connectd import log, sdnotify
 from connectd.settings import Settings
 
 
+class DaemonFailed(RuntimeError):
+    """A daemon cannot go on and says why (a port in use, a worker that died): `connectd run`
+    prints the message and exits 1, and the supervisor or systemd restarts it."""
+
+
 class _Waker:
     """Ends the loop's idle sleep, from another thread or from a signal handler: one byte
     written to a pipe, which is safe anywhere. (threading.Event.set() from a signal handler

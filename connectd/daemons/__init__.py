@@ -50,6 +50,7 @@ def run_command(name: str, once: bool, instance: int) -> None:
     \b
     Daemons in this build:
     """
+    from connectd.daemon import DaemonFailed
     from connectd.daemons.profiler import NotInitialised, WorkerDied
     from connectd.settings import EX_CONFIG
 
@@ -66,7 +67,7 @@ def run_command(name: str, once: bool, instance: int) -> None:
         # not a crash to restart from: systemd's RestartPreventExitStatus=78 stops the loop
         click.echo(f"connectd run {name}: {exc}", err=True)
         sys.exit(EX_CONFIG)
-    except WorkerDied as exc:  # the worker logged why; the supervisor restarts us
+    except (WorkerDied, DaemonFailed) as exc:  # logged why; the supervisor restarts us
         click.echo(f"connectd run {name}: {exc}", err=True)
         sys.exit(1)
 

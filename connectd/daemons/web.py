@@ -22,7 +22,7 @@ from typing import Any
 
 import uvicorn
 
-from connectd.daemon import Daemon
+from connectd.daemon import Daemon, DaemonFailed
 from connectd.settings import Settings
 from connectd.web.app import create_app
 
@@ -30,7 +30,7 @@ STARTUP_TIMEOUT = 30.0  # seconds for uvicorn to start serving on the bound sock
 SHUTDOWN_GRACE = 10.0  # seconds open requests get before uvicorn is forced to stop
 
 
-class WebServerDied(RuntimeError):
+class WebServerDied(DaemonFailed):
     """The uvicorn thread ended while the daemon was not stopping."""
 
 

@@ -232,3 +232,17 @@ def test_sigterm_stops_the_process_with_exit_0(tmp_path: Path,
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))  # free again
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """`connectd run web` on a port someone else holds: one line saying so, exit 1, no traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        cfg = write_config(tmp_path, extra=f"[web]\nport = {port}\n")
+        proc = subprocess.run([sys.executable, "-m", "connectd", "--config", str(cfg), "run", "web"],
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr
