@@ -143,10 +143,39 @@ class Drain(threading.Thread):
             self.error = exc
 
 
-def _start(cfg: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "connectd", "--config", str(cfg), "run",
-                             "manager"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+class Proc:
+    """A `connectd run manager` child; its stderr (JSON log lines) read as it comes, so a
+    full pipe never blocks it."""
+
+    def __init__(self, cfg: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "connectd", "--config", str(cfg), "run", "manager"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: list[str] = []
+        self.started = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.lines.append(raw.decode("utf-8", "replace"))
+            if '"started"' in self.lines[-1]:
+                self.started.set()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        """TERM once it has started (a TERM during start-up, before the handlers are in
+        place, would just kill it); its exit status."""
+        self.started.wait(30)
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(30)
+        self._reader.join(5)
+        return rc
 
 
 @pytest.mark.slow
@@ -161,7 +190,7 @@ def test_managers_killed_with_sigkill_batch_nobody_twice(engine: Engine, tmp_pat
     drain = Drain(engine)
     drain.start()
     rnd = random.Random(7)
-    procs = [_start(cfg), _start(cfg)]
+    procs = [Proc(cfg), Proc(cfg)]
     kills = 0
     deadline = time.monotonic() + 120
     try:
@@ -171,17 +200,14 @@ def test_managers_killed_with_sigkill_batch_nobody_twice(engine: Engine, tmp_pat
             time.sleep(rnd.uniform(0.2, 0.8))
             if kills < 8:
                 victim = kills % 2
-                procs[victim].send_signal(signal.SIGKILL)
-                procs[victim].wait(10)
+                procs[victim].kill()
                 kills += 1
-                procs[victim] = _start(cfg)
+                procs[victim] = Proc(cfg)
     finally:
         drain.stop.set()
         drain.join(10)
         for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            assert p.wait(30) == 0, p.stderr.read().decode()[-2000:] if p.stderr else ""
+            assert p.stop() == 0, "".join(p.lines)[-2000:]
     assert kills == 8, "the run ended before the kills were done: make it longer"
     assert drain.error is None
     assert set(drain.handed) == set(w["customers"])
