@@ -354,7 +354,6 @@ class Completed:
     campaign_id: int
     campaign: str
     counts: dict[str, int]
-    campaign_done: bool
 
 
 def finished_instances(conn: Connection) -> list[int]:
@@ -367,9 +366,9 @@ def finished_instances(conn: Connection) -> list[int]:
 
 
 def complete_instances(conn: Connection, now: datetime) -> list[Completed]:
-    """Mark finished instances done with their counts, and their campaigns done when every
-    instance of a campaign that does not repeat is done."""
-    out = []
+    """Mark finished instances done with their counts (complete_campaigns, called next,
+    finishes their campaigns)."""
+    finished = []
     for instance_id in finished_instances(conn):
         counts = target_counts(conn, instance_id)
         done = conn.execute(update(MessageInstance).where(
@@ -379,26 +378,35 @@ def complete_instances(conn: Connection, now: datetime) -> list[Completed]:
             failed_count=counts["failed"], unknown_count=counts["unknown"]))
         if done.rowcount != 1:
             continue  # another manager finished it
-        campaign_id, name, kind = conn.execute(
-            select(Campaign.id, Campaign.name, Campaign.kind)
+        campaign_id, name = conn.execute(
+            select(Campaign.id, Campaign.name)
             .join(Message, Message.campaign_id == Campaign.id)
             .join(MessageInstance, MessageInstance.message_id == Message.id)
             .where(MessageInstance.id == instance_id)).one()
-        out.append(Completed(instance_id, campaign_id, name, counts,
-                             _complete_campaign(conn, campaign_id, kind, now)))
-    return out
+        finished.append((instance_id, campaign_id, name, counts))
+    return [Completed(i, c, name, counts) for i, c, name, counts in finished]
 
 
-def _complete_campaign(conn: Connection, campaign_id: int, kind: str, now: datetime) -> bool:
-    if kind in preparation.REPEATING_KINDS:
-        return False  # it runs again at its next occurrence or event
+def complete_campaigns(conn: Connection, now: datetime) -> list[tuple[int, str]]:
+    """Running campaigns that do not repeat (recurring, event and subscription campaigns run
+    again at their next occurrence or event) whose instances are all done -> "done". A
+    sweep, not a consequence of the last instance finishing, so a campaign paused at that
+    moment becomes done once it is resumed."""
+    has_instance = exists().where(MessageInstance.message_id == Message.id,
+                                  Message.campaign_id == Campaign.id)
     unfinished = exists().where(MessageInstance.message_id == Message.id,
-                                Message.campaign_id == campaign_id,
+                                Message.campaign_id == Campaign.id,
                                 MessageInstance.status != "done")
-    done = conn.execute(update(Campaign).where(
-        Campaign.id == campaign_id, Campaign.status == "running", not_(unfinished))
-        .values(status="done", updated_at=now))
-    return done.rowcount == 1
+    found = [(r[0], r[1]) for r in conn.execute(select(Campaign.id, Campaign.name).where(
+        Campaign.status == "running", Campaign.kind.notin_(preparation.REPEATING_KINDS),
+        has_instance, not_(unfinished)))]
+    done = []
+    for campaign_id, name in found:  # conditional: another manager may have done it
+        if conn.execute(update(Campaign).where(Campaign.id == campaign_id,
+                                               Campaign.status == "running")
+                        .values(status="done", updated_at=now)).rowcount == 1:
+            done.append((campaign_id, name))
+    return done
 
 
 # --- recurring campaigns ---------------------------------------------------------------------

@@ -31,6 +31,7 @@ from connectd.db.customer import (
 from connectd.db.engine import make_engine, writer
 from connectd.execution import (
     ExecutionConfig,
+    complete_campaigns,
     complete_instances,
     create_batches,
     create_recurring,
@@ -109,6 +110,7 @@ def step(engine: Engine, now: datetime = NOW, cfg: ExecutionConfig = CFG) -> dic
         out["batches"] = create_batches(conn, now, cfg)
     with writer(engine).begin() as conn:
         out["completed"] = complete_instances(conn, now)
+        out["campaigns_done"] = [c for c, _ in complete_campaigns(conn, now)]
     return out
 
 
@@ -404,16 +406,34 @@ def test_instance_and_campaign_done_with_counts(engine: Engine) -> None:
     w = seed(engine, 12)
     inst = launch(engine, w["message"])
     outcomes = {w["customers"][0]: "failed", w["customers"][1]: "unknown"}
-    done = []
+    done, campaigns = [], []
     while compose(engine, lambda c: outcomes.get(c, "sent")) or not done:
-        done += step(engine)["completed"]
-    assert [(c.instance_id, c.campaign_done) for c in done] == [(inst, True)]
+        out = step(engine)
+        done += out["completed"]
+        campaigns += out["campaigns_done"]
+    assert [c.instance_id for c in done] == [inst] and campaigns == [w["campaign"]]
     with engine.connect() as conn:
         row = conn.execute(select(MessageInstance).where(MessageInstance.id == inst)).one()
         camp = conn.execute(select(Campaign.status)).scalar_one()
     assert (row.status, row.target_count, row.sent_count, row.failed_count, row.unknown_count,
             row.deferred_count) == ("done", 12, 10, 1, 1, 0)
     assert row.finished_at == NOW and camp == "done"
+
+
+def test_campaign_paused_when_its_instance_finished_is_done_after_resume(
+        engine: Engine) -> None:
+    """The last outcome lands while the campaign is paused: done once it is resumed."""
+    w = seed(engine, 3)
+    launch(engine, w["message"])
+    step(engine)
+    with engine.begin() as conn:
+        conn.execute(update(Campaign).values(status="paused"))
+    compose(engine)
+    assert len(step(engine)["completed"]) == 1
+    assert value(engine, Campaign.status, Campaign.id == w["campaign"]) == "paused"
+    with engine.begin() as conn:
+        conn.execute(update(Campaign).values(status="running"))
+    assert step(engine)["campaigns_done"] == [w["campaign"]]
 
 
 def test_instance_not_done_while_a_target_is_sending(engine: Engine) -> None:

@@ -142,9 +142,11 @@ class Manager(Daemon):
     def _complete(self, now: datetime) -> int:
         with self._begin() as conn:
             completed = execution.complete_instances(conn, now)
+            campaigns = execution.complete_campaigns(conn, now)
         for c in completed:
             self.log.info("instance done", instance=c.instance_id, campaign=c.campaign,
                           sent=c.counts["sent"], failed=c.counts["failed"],
-                          unknown=c.counts["unknown"], targets=sum(c.counts.values()),
-                          campaign_done=c.campaign_done)
-        return len(completed)
+                          unknown=c.counts["unknown"], targets=sum(c.counts.values()))
+        for campaign_id, name in campaigns:
+            self.log.info("campaign done", campaign=name, campaign_id=campaign_id)
+        return len(completed) + len(campaigns)
