@@ -50,6 +50,9 @@ _PROTECT = re.compile(
     r"\{%-?\s*raw\s*-?%\}.*?\{%-?\s*endraw\s*-?%\}|\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}"
     r"|\[[A-Za-z][A-Za-z0-9 _]{0,63}(?:\|[^\[\]\r\n]*)?\](?!\()", re.S)
 _PLACEHOLDER = re.compile(r'cdph(\d+)x(?:="")?')
+# private-use characters: no template syntax, escaping or text produces them
+LINK_MARK = "\ue000%d\ue001"
+LINK_MARKS = re.compile("\ue000(\\d+)\ue001")
 
 
 class ContentError(Exception):
@@ -76,6 +79,9 @@ class LaunchContent:
     hash: str
     links: dict[str, int] = field(default_factory=dict)  # url -> links.id
     link_order: list[int] = field(default_factory=list)  # links.id by position in the HTML
+    # True: every tracked href of `html` is a placeholder LINK_MARK % i (i = position), to be
+    # replaced per message; False: links are rewritten in each rendered HTML instead
+    marked: bool = False
 
 
 def fetch(url: str, timeout: float) -> bytes:
@@ -149,6 +155,10 @@ def _text_template(html: str) -> str | None:
     return text
 
 
+def _templated(url: str) -> bool:
+    return "{{" in url or "{%" in url or "[" in url
+
+
 def link_urls(html: str) -> list[str]:
     """The http(s) links of an HTML template, in document order (repeats included)."""
     return render.rewrite_links(html, lambda _i, url: url)[1]
@@ -210,12 +220,17 @@ class ContentStore:
             raise ContentError(f"no usable From address ({addr!r})")
         urls = link_urls(html) if html else []
         links = self._register(instance_id, row.message_id, digest, urls)
+        marked = bool(urls) and not any(_templated(u) for u in urls)
+        if marked:
+            # the literal links become placeholders once here, so each message only swaps
+            # them for its signed URLs instead of parsing its rendered HTML for <a> tags
+            html = render.rewrite_links(html, lambda i, _url: LINK_MARK % i)[0]
         self.log.info("content.loaded", instance=instance_id, campaign=row.name,
                       hash=digest[:12], links=len(links),
                       ms=round((time.perf_counter() - t0) * 1000, 1))
         return LaunchContent(instance_id, row.message_id, row.campaign_id, row.name,
                              row.subject, addr, name or None, html, text, digest, links,
-                             [links[u] for u in urls])
+                             [links[u] for u in urls], marked)
 
     def _register(self, instance_id: int, message_id: int, digest: str,
                   urls: list[str]) -> dict[str, int]:

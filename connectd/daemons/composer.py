@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
+import re
 import socket
 import time
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from connectd import batches, log
 from connectd.batches import Claim, MailObject
-from connectd.content import ContentError, ContentStore, LaunchContent, fail_instance
+from connectd.content import LINK_MARKS, ContentError, ContentStore, LaunchContent, fail_instance
 from connectd.core import render
 from connectd.core.dkim import DkimSigner
 from connectd.core.mime import build_message, message_id_for
@@ -227,7 +228,23 @@ class Composer(Daemon):
         tracker = self._tracker
         html = r.html
         links = 0
-        if html is not None:
+        if html is not None and content.marked:
+            order = content.link_order
+            made: dict[int, str] = {}
+
+            def marked(m: re.Match[str]) -> str:
+                nonlocal links
+                links += 1
+                i = int(m.group(1))
+                url = made.get(i)
+                if url is None:
+                    url = made[i] = f"{tracker}/c/{sign_token(key, inst, cust, order[i], kind='c')}"
+                return url
+
+            html = LINK_MARKS.sub(marked, html)
+            html = render.add_open_pixel(
+                html, f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}")
+        elif html is not None:
             by_url, order = content.links, content.link_order
 
             def tracked(i: int, url: str) -> str:

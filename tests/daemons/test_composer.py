@@ -246,7 +246,6 @@ def test_unsendable_address_is_failed_before_hand_off(tree, relay):
     assert out[2]["outcome"] == "sent" and len(handler.messages) == 1
 
 
-@pytest.mark.slow
 def test_sigkill_mid_batch_and_restart_sends_nobody_twice(tmp_path, content_server):
     """A real `connectd run composer` killed with SIGKILL mid-batch, then restarted: no
     message twice, everyone either received it or is among the few reported unknown."""
