@@ -212,6 +212,8 @@ def main() -> None:
                 st = setup_tree(Path(tmp), args.customers, url, port, args.connections, sign)
                 r = run_composer(st)
                 r["outcomes"] = count_outcomes(st)
+                # run_until_idle also counts batch ends as items: count the hand-offs instead
+                r["messages"] = sum(r["outcomes"].values())
                 results[label] = r
     finally:
         sink.terminate()
