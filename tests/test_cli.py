@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import write_config
 
 from connectd import cli
 from connectd import settings as settings_mod
@@ -213,3 +214,13 @@ def test_checkout_default_config_is_used_without_options() -> None:
     checkout = Path(cli.__file__).resolve().parent.parent
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"# effective settings from {checkout / 'etc' / 'connectd.toml'}")
+
+
+def test_run_with_a_bad_daemon_setting_exits_78(tmp_path: Path) -> None:
+    """A setting a daemon checks itself (manager.quiet_hours) stops `run` with 78, no traceback."""
+    cfg = write_config(tmp_path, extra='[manager]\nquiet_hours = "25:00-07:00"\n')
+    proc = subprocess.run([sys.executable, "-m", "connectd", "--config", str(cfg), "run", "manager"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 78, proc.stderr
+    assert "quiet_hours" in proc.stderr
+    assert "Traceback" not in proc.stderr

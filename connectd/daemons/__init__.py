@@ -52,18 +52,19 @@ def run_command(name: str, once: bool, instance: int) -> None:
     """
     from connectd.daemon import DaemonFailed
     from connectd.daemons.profiler import NotInitialised, WorkerDied
-    from connectd.settings import EX_CONFIG
+    from connectd.settings import EX_CONFIG, SettingsError
 
     ctx = click.get_current_context().obj
     cls = _daemon_class(name)
-    daemon = cls(ctx.settings, instance=instance) if name == "composer" else cls(ctx.settings)
     try:
+        # constructors check their own settings (quiet hours, time zone, key files, ...)
+        daemon = cls(ctx.settings, instance=instance) if name == "composer" else cls(ctx.settings)
         if once:
             n = daemon.run_until_idle()
             click.echo(f"{name}: {n} items done", err=True)
             return
         sys.exit(daemon.run())
-    except NotInitialised as exc:
+    except (NotInitialised, SettingsError) as exc:
         # not a crash to restart from: systemd's RestartPreventExitStatus=78 stops the loop
         click.echo(f"connectd run {name}: {exc}", err=True)
         sys.exit(EX_CONFIG)

@@ -299,7 +299,7 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_targets_batch_id'), 'targets', ['batch_id'])
     op.create_index(op.f('ix_targets_customer_id'), 'targets', ['customer_id'])
-    op.create_index('ix_targets_instance_id_status', 'targets', ['instance_id', 'status'])
+    op.create_index('ix_targets_instance_id_status', 'targets', ['instance_id', 'status', 'id'])
     op.create_index('ix_targets_status_next_attempt_at', 'targets', ['status', 'next_attempt_at'])
 
     # The roles the web editor knows; users.role refers to them. The permissions are this
