@@ -85,6 +85,7 @@ def _register() -> None:
     from connectd.conversations import conversation_group, subscribe_group, suppression_group
     from connectd.customers import customers_group
     from connectd.daemons import run_command
+    from connectd.dkim_cli import dkim_group
     from connectd.init import init_command
     from connectd.segments import segment_group
     from connectd.spool_cli import spool_group
@@ -92,7 +93,8 @@ def _register() -> None:
 
     for cmd in (init_command, up_command, run_command, customers_group, spool_group, segment_group):
         main.add_command(cmd)
-    for cmd in (conversation_group, subscribe_group, suppression_group, campaign_group):
+    for cmd in (conversation_group, subscribe_group, suppression_group, campaign_group,
+                dkim_group):
         main.add_command(cmd)
 
 
