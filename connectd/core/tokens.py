@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
+import hashlib
 import hmac
 import re
 from collections.abc import Sequence
+from typing import Any
 
 VERSION = 1
 MAC_LEN = 12  # 96 bits: forging one needs ~2**96 tries against a tracker that rate-limits far below
@@ -41,6 +44,11 @@ MAX_TOKEN_LEN = (_MAX_RAW * 8 + 4) // 5  # base32 is the longer encoding; anythi
 
 KINDS = {"click": "c", "open": "o", "unsubscribe": "u", "verp": "v"}
 _B64_RE = re.compile(r"[A-Za-z0-9_-]*\Z")
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # RFC 2104 key pads, as translate tables
+_OPAD = bytes(x ^ 0x5C for x in range(256))
+_BLOCK = 64  # SHA-256 block size
+_VERSION_BYTE = bytes((VERSION,))
 _B32_RE = re.compile(r"[a-z2-7]*\Z")
 
 
@@ -73,7 +81,7 @@ def _pack(fields: Sequence[int]) -> bytes:
     out = bytearray()
     for value in fields:
         # bool is an int subclass; a True where an id belongs is a bug, not a 1
-        if not isinstance(value, int) or isinstance(value, bool):
+        if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
             raise BadToken(f"field {value!r} is not an int")
         if value < 0 or value > MAX_FIELD:
             raise BadToken(f"field {value} outside 0..2**64-1")
@@ -110,17 +118,46 @@ def _unpack(payload: bytes) -> tuple[int, ...]:
 
 
 def _mac(key: bytes, prefix: bytes, payload: bytes) -> bytes:
+    """The reference MAC (one-shot HMAC); `_keyed_mac` computes the same bytes faster."""
     return hmac.digest(key, prefix + payload, "sha256")[:MAC_LEN]
 
 
-def _seal(key: bytes | str, fields: Sequence[int], kind: str) -> bytes:
+@functools.lru_cache(maxsize=64)
+def _keyed(key: bytes | str, kind: str) -> tuple[Any, Any]:
+    """HMAC-SHA256 (RFC 2104) prepared up to the payload: the inner hash with the padded key
+    and the kind prefix absorbed, the outer hash with its padded key. Copying these per token
+    costs ~0.8 us where a one-shot hmac.digest sets the key up again each time (~2 us, and a
+    mail carries 13 tokens)."""
     prefix = _kind_prefix(kind)
+    raw = _as_bytes(key)
+    if len(raw) > _BLOCK:
+        raw = hashlib.sha256(raw).digest()
+    raw = raw.ljust(_BLOCK, b"\0")
+    inner = hashlib.sha256(raw.translate(_IPAD))
+    inner.update(prefix)
+    return inner, hashlib.sha256(raw.translate(_OPAD))
+
+
+def _finish(inner: Any, outer: Any, payload: bytes) -> bytes:
+    h = inner.copy()
+    h.update(payload)
+    out = outer.copy()
+    out.update(h.digest())
+    return out.digest()[:MAC_LEN]
+
+
+def _keyed_mac(key: bytes | str, kind: str, payload: bytes) -> bytes:
+    return _finish(*_keyed(key, kind), payload)
+
+
+def _seal(key: bytes | str, fields: Sequence[int], kind: str) -> bytes:
+    inner, outer = _keyed(key, kind)  # caller mistakes (kind, key) first, as ValueError
     payload = _pack(fields)
-    return bytes((VERSION,)) + payload + _mac(_as_bytes(key), prefix, payload)
+    return _VERSION_BYTE + payload + _finish(inner, outer, payload)
 
 
 def _open(keys: Sequence[bytes | str], raw: bytes, kind: str) -> tuple[int, ...]:
-    prefix = _kind_prefix(kind)
+    _kind_prefix(kind)
     if not keys:
         raise ValueError("no verification keys")
     if len(raw) < 1 + MAC_LEN:
@@ -131,7 +168,7 @@ def _open(keys: Sequence[bytes | str], raw: bytes, kind: str) -> tuple[int, ...]
     # Check every key, not the first that matches: the time taken says nothing about which.
     ok = False
     for key in keys:
-        ok |= hmac.compare_digest(_mac(_as_bytes(key), prefix, payload), mac)
+        ok |= hmac.compare_digest(_keyed_mac(key, kind, payload), mac)
     if not ok:
         raise BadToken("bad signature")
     return _unpack(payload)
@@ -142,7 +179,8 @@ def sign_token(key: bytes | str, *fields: int, kind: str) -> str:
 
     Raises BadToken for a negative, non-int or too large field, or more than MAX_FIELDS."""
     raw = _seal(key, fields, kind)
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode(
+        "ascii")
 
 
 def verify_token(keys: Sequence[bytes | str], token: str, kind: str) -> tuple[int, ...]:
