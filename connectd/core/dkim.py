@@ -36,7 +36,9 @@ OVERSIGN = ("from", "to", "subject")
 MIN_RSA_BITS = 1024  # RFC 8301 3.2: verifiers may refuse smaller keys
 
 _WSP_RUN = re.compile(rb"[ \t]+")
-_WSP_EOL = re.compile(rb" \r\n")
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_DOUBLE_SPACE = re.compile(rb"  ")  # literal patterns: sre's fast prefix search
+_SPACE_CR = re.compile(rb" \r")
 _FWS = re.compile(rb"\r\n([ \t])")
 _TAG_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*\Z")
 
@@ -69,8 +71,7 @@ class DkimSigner:
     def sign(self, message: bytes, now: int) -> bytes:
         """A CRLF message -> the same message with a DKIM-Signature header first."""
         head, body = _split(message)
-        fields = _header_fields(head)
-        names, signed = self._select(fields)
+        names, signed = self._select(_header_fields(head))
         bh = base64.b64encode(hashlib.sha256(canonical_body(body)).digest()).decode("ascii")
         prefix = _signature_prefix(self._tags(names, bh, now))
         data = b"".join(signed) + canonical_header(prefix)
@@ -78,12 +79,12 @@ class DkimSigner:
         return prefix + _fold_base64(base64.b64encode(sig).decode("ascii")) + b"\r\n" + message
 
     def _select(self, fields: list[tuple[bytes, bytes]]) -> tuple[list[str], list[bytes]]:
-        by_name: dict[str, list[bytes]] = {}
+        by_name: dict[bytes, list[bytes]] = {}
         for raw_name, raw in fields:
-            by_name.setdefault(raw_name.decode("ascii", "replace").strip().lower(), []).append(raw)
+            by_name.setdefault(raw_name.strip(b" \t").lower(), []).append(raw)
         names, signed = [], []
         for name in self.headers:
-            for raw in reversed(by_name.get(name, ())):  # bottom-up: RFC 6376 5.4.2
+            for raw in reversed(by_name.get(name.encode("ascii", "replace"), ())):  # bottom-up: RFC 6376 5.4.2
                 names.append(name)
                 signed.append(canonical_header(raw) + b"\r\n")
             if name in OVERSIGN:
@@ -104,15 +105,27 @@ class DkimSigner:
 # Canonicalisation (relaxed)
 
 def _split(message: bytes) -> tuple[bytes, bytes]:
-    if message.count(b"\n") != message.count(b"\r\n") or message.count(b"\r") != message.count(
-            b"\r\n"):
-        raise ValueError("DKIM signing needs CRLF line endings throughout")
+    """A CRLF message -> (header section with its final CRLF, body); ValueError for a bare
+    CR or LF anywhere."""
     at = message.find(b"\r\n\r\n")
     if at < 0:
+        head, body = message, b""
         if not message.endswith(b"\r\n"):
+            _check_crlf(message)
             raise ValueError("message has no header section")
-        return message, b""
-    return message[:at + 2], message[at + 4:]
+    else:
+        head, body = message[:at + 2], message[at + 4:]
+    _check_crlf(head)
+    _check_crlf(body)
+    return head, body
+
+
+def _check_crlf(data: bytes) -> None:
+    # Every CR followed by LF (a search for the rare CR), and as many LFs as CRs: no bare
+    # LF. Cheaper than counting the two-byte CRLF (~1 ns a byte, a third of the signing cost
+    # of a 16 KB message without the RSA step).
+    if (b"\r" in data and _BARE_CR.search(data)) or data.count(b"\r") != data.count(b"\n"):
+        raise ValueError("DKIM signing needs CRLF line endings throughout")
 
 
 def _header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
@@ -135,20 +148,31 @@ def _header_fields(head: bytes) -> list[tuple[bytes, bytes]]:
 def canonical_header(field: bytes) -> bytes:
     """One header field (folded or not, no final CRLF) -> relaxed form "name:value"."""
     name, _, value = field.partition(b":")
-    value = _WSP_RUN.sub(b" ", _FWS.sub(rb"\1", value)).strip(b" ")
-    return name.strip(b" \t").lower() + b":" + value
+    if b"\n" in value or b"\t" in value or b"  " in value:
+        value = _WSP_RUN.sub(b" ", _FWS.sub(rb"\1", value))
+    return name.strip(b" \t").lower() + b":" + value.strip(b" ")
 
 
 def canonical_body(body: bytes) -> bytes:
     """Body (CRLF) -> relaxed form: WSP runs as one space, none at line ends, no trailing
     empty lines; an empty body stays empty (RFC 6376 errata 3192)."""
-    if b"\t" in body or b"  " in body:
-        body = _WSP_RUN.sub(b" ", body)
-    if b" \r\n" in body:
-        body = _WSP_EOL.sub(b"\r\n", body)
+    # Our own MIME output usually has no tab, no double space and no space before a line
+    # end: three searches are then all it costs (~22 us for 16 KB; sre's literal search
+    # beats bytes' own for these two-byte patterns). Otherwise bytes methods, not a regular
+    # expression substitution over the whole body (~30x slower).
+    if (b"\t" not in body and not body.endswith(b" ") and not _DOUBLE_SPACE.search(body)
+            and not _SPACE_CR.search(body)):
+        body = body.rstrip(b"\r\n")
+        return body + b"\r\n" if body else b""
+    if b"\t" in body:
+        body = body.replace(b"\t", b" ")
+    while b"  " in body:  # each pass halves every run of spaces
+        body = body.replace(b"  ", b" ")
+    if b" \r" in body:
+        body = body.replace(b" \r\n", b"\r\n")
     body = body.rstrip(b"\r\n")
-    if body.endswith(b" "):  # a last line without CRLF
-        body = body.rstrip(b" ")
+    if body.endswith(b" "):  # a last line without CRLF, of spaces only maybe
+        body = body.rstrip(b" ").rstrip(b"\r\n")
     return body + b"\r\n" if body else b""
 
 

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 import dkim as dkimpy
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connectd.core import dkim, mime
 
@@ -175,6 +177,32 @@ def test_bad_signer_refused(keys: dict[str, tuple[bytes, str]]) -> None:
 def test_canonical_body(body: bytes, expected: bytes) -> None:
     """Relaxed body canonicalisation follows RFC 6376 3.4.4."""
     assert dkim.canonical_body(body) == expected
+
+
+def _reference_body(body: bytes) -> bytes:
+    """RFC 6376 3.4.4 written the obvious way, line by line."""
+    lines = [re.sub(rb"[ \t]+", b" ", line).rstrip(b" ") for line in body.split(b"\r\n")]
+    while lines and lines[-1] == b"":
+        lines.pop()
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+@given(parts=st.lists(st.sampled_from([b"a", b"=", b" ", b"  ", b"\t", b"\r\n", b"x y"]),
+                      max_size=40))
+def test_canonical_body_matches_reference(parts: list[bytes]) -> None:
+    """The fast canonicalisation equals the line-by-line reading of RFC 6376 on any mix of
+    spaces, tabs and line breaks."""
+    body = b"".join(parts)
+    assert dkim.canonical_body(body) == _reference_body(body)
+
+
+@pytest.mark.parametrize("message", [b"From: a@x\r\n\r\nx\ny\r\n", b"From: a@x\r\n\r\nx\n\ry\r\n",
+                                     b"From: a@x\n\r\n\r\nx\r\n", b"From: a@x\r\n\r\nx\r\n\r",
+                                     b"From: a@x\r\n\r\n\nx\r\n"])
+def test_bare_line_breaks_refused(keys: dict[str, tuple[bytes, str]], message: bytes) -> None:
+    """A bare LF or CR anywhere (header or body, even paired the wrong way) is refused."""
+    with pytest.raises(ValueError, match="CRLF"):
+        dkim.DkimSigner("sel", "shop.example", keys["rsa"][0]).sign(message, NOW)
 
 
 def test_cost(keys: dict[str, tuple[bytes, str]]) -> None:
