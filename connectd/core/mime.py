@@ -33,7 +33,6 @@ Addresses must be ASCII (punycode for international domains; SMTPUTF8 is not sup
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 import hashlib
 import re
@@ -63,6 +62,14 @@ _URL_BAD = re.compile(r"[\s<>,\"]")
 _MESSAGE_ID = re.compile(r"<i(\d+)\.c(\d+)@([^<>@\s]+)>\Z")
 _FROM_LINE = re.compile(rb"^From ", re.M)
 _ASCII_BYTES = bytes(range(128))
+# quoted-printable: controls other than tab and LF (what a quick translate looks for), the
+# escapes by byte, the white space a line may not end with, and a line's pieces between soft
+# breaks: up to 75 bytes, not ending inside an =XX escape (DOTALL "." is counted, not scanned)
+_QP_PLAIN = bytes(b for b in range(256) if b in (9, 10) or 32 <= b < 127)
+_QP_HEX = {b: b"=%02X" % b for b in range(256)}
+_QP_ESCAPED = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f-\xff]")
+_QP_LINE_END = (b" ", b"\t")
+_QP_PIECE = re.compile(rb".{1,75}(?<!=)(?<!=.)", re.S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,14 +229,60 @@ def _encode_body(text: str) -> tuple[bytes, bytes]:
     data = _newlines_lf(text).encode("utf-8")
     high = len(data.translate(None, _ASCII_BYTES)) if not data.isascii() else 0
     if high * 6 > len(data):
-        return b"base64", base64.encodebytes(data).replace(b"\n", CRLF).rstrip(CRLF)
-    qp = binascii.b2a_qp(data, quotetabs=False, istext=True, header=False)
+        return b"base64", _base64_lines(data)
+    qp = quoted_printable(data)
     if b"From " in qp:
         # An mbox writer on the way would turn these into ">From "; =46 reads the same.
         qp = _FROM_LINE.sub(b"=46rom ", qp)
-        if any(len(line) > 76 for line in qp.split(b"\n")):  # the escape overflowed a line
-            return b"base64", base64.encodebytes(data).replace(b"\n", CRLF).rstrip(CRLF)
-    return b"quoted-printable", qp.replace(b"\n", CRLF)
+        if any(len(line) > 76 for line in qp.split(CRLF)):  # the escape overflowed a line
+            return b"base64", _base64_lines(data)
+    return b"quoted-printable", qp
+
+
+def _base64_lines(data: bytes) -> bytes:
+    return base64.encodebytes(data).replace(b"\n", CRLF).rstrip(CRLF)
+
+
+def quoted_printable(data: bytes) -> bytes:
+    """Bytes with LF line ends -> quoted-printable (RFC 2045 6.7) with CRLF line ends: "=",
+    controls and non-ASCII as =XX, a space or tab ending a line escaped, a line that is a
+    lone "." as =2E, soft breaks so no line exceeds 76 characters and no escape is cut.
+
+    The same bytes as binascii.b2a_qp(istext=True) except where b2a_qp breaks its own rules
+    (a line ending in white space can become 78 characters, a bare CR stays raw) and that a
+    76-character line ending in an escape stays whole. About 4x faster than b2a_qp, which
+    looks at every byte twice in C (~7 ns a byte, 100 us for the two parts of an 8 KB mail):
+    here "=" is a bytes.replace, other escapes one substitution each (none in ASCII text
+    without controls), and long lines are cut by a regular expression whose "." steps over
+    75 bytes at a time."""
+    if b"=" in data:
+        data = data.replace(b"=", b"=3D")
+    if not data.isascii() or data.translate(None, _QP_PLAIN):
+        data = _QP_ESCAPED.sub(_qp_escape, data)
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if len(line) > 76 or line[-1:] in _QP_LINE_END or line == b".":
+            lines[i] = _qp_line(line)
+    return CRLF.join(lines)
+
+
+def _qp_escape(m: re.Match[bytes]) -> bytes:
+    return _QP_HEX[m.group()[0]]
+
+
+def _qp_line(line: bytes) -> bytes:
+    """One line (escapes done) -> its trailing white space or lone dot escaped, soft breaks."""
+    last = line[-1:]
+    if last in _QP_LINE_END:
+        line = line[:-1] + _QP_HEX[last[0]]
+    elif line == b".":
+        return b"=2E"
+    if len(line) <= 76:
+        return line
+    pieces = _QP_PIECE.findall(line)
+    if len(pieces[-1]) == 1 and len(pieces[-2]) == 75:
+        pieces[-2:] = [pieces[-2] + pieces[-1]]  # a last character may be the 76th
+    return b"=\r\n".join(pieces)
 
 
 def _part(subtype: bytes, text: str) -> bytes:
