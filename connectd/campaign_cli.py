@@ -1,6 +1,6 @@
 """`connectd campaign ...`: command-line arguments -> connectd.campaigns -> tables or JSON.
 
-Commands: create, launch, pause, resume, status, list, show, preflight. Every error is one
+Commands: create, launch, trial, pause, resume, status, list, show, preflight. Every error is one
 clear message on stderr and a non-zero exit: 2 for a usage error (click's), 1 otherwise;
 never a traceback (CampaignError, database and file errors are turned into messages here).
 """
@@ -131,6 +131,35 @@ def launch_command(name: str, at: str) -> None:
                    f"{done['scheduled_at']}")
 
 
+@campaign_group.command("trial")
+@click.argument("name")
+@click.option("--to", "to", multiple=True, required=True, metavar="ADDR",
+              help="A recipient, repeatable. Unknown addresses become customers.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@_friendly
+def trial_command(name: str, to: tuple[str, ...], as_json: bool) -> None:
+    """Send campaign NAME's content now to the --to addresses as a trial.
+
+    Ignores subscriptions and segments, respects suppression lists; works before launch and
+    leaves the campaign's status alone. A running manager and composer send it.
+    """
+    engine = cli_engine()
+    try:
+        done = campaigns.trial(engine, name, to)
+    finally:
+        engine.dispose()
+    if as_json:
+        _json(done.as_dict())
+        return
+    n = len(done.sent_to)
+    click.echo(f"campaign {name!r}: trial instance {done.instance} ({done.run_key}) to "
+               f"{n} address{'es' if n != 1 else ''}: {', '.join(done.sent_to)}")
+    for address in done.created:
+        click.echo(f"  {address}: not a customer yet; created without attributes")
+    for skip in done.skipped:
+        click.echo(f"  skipped {skip['address']}: {skip['reason']}")
+
+
 @campaign_group.command("pause")
 @click.argument("name")
 @_friendly
@@ -177,7 +206,8 @@ def status_command(name: str, as_json: bool) -> None:
     if not found["instances"]:
         click.echo("  not launched")
     for inst in found["instances"]:
-        click.echo(f"\ninstance {inst['id']} ({inst['run_key'] or inst['message']}): "
+        what = "trial instance" if inst.get("trial") else "instance"
+        click.echo(f"\n{what} {inst['id']} ({inst['run_key'] or inst['message']}): "
                    f"{inst['status']}, scheduled {inst['scheduled_at']}"
                    + (f", finished {inst['finished_at']}" if inst["finished_at"] else ""))
         if inst["error"]:
@@ -293,8 +323,11 @@ def _print_preflight(report: campaigns.Preflight) -> None:
         for row in report.domains:
             click.echo(f"    {row['domain']:<40} {row['targets']:>10}")
     est = report.estimate
+    notes = [f"limited by {est['limited_by']}"] if est.get("limited_by") else []
+    if est.get("throughput_source") == campaigns.NO_COMPOSER:
+        notes.append(campaigns.NO_COMPOSER)  # the composers' rate is not part of the estimate
     click.echo(f"  estimated duration: {_duration(est.get('seconds'))}"
-               + (f" (limited by {est['limited_by']})" if est.get("limited_by") else ""))
+               + (f" ({'; '.join(notes)})" if notes else ""))
     for item in report.content:
         state = f"ok ({item['status']})" if item["ok"] else f"FAILS: {item['error']}"
         click.echo(f"  content {item['url']}: {state}")

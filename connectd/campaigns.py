@@ -31,6 +31,19 @@ starts_at = --at or now). Pause: campaign "paused" and its ready/executing insta
 (composers stop after their current window); resume puts them back (executing if preparation
 had started them, else ready).
 
+Trial (`campaign trial NAME --to ADDR ...`): the campaign's main content, now, to exactly the
+given addresses. The campaign's one Message of kind "trial" (created on first use, always with
+the main message's content) gets a new MessageInstance per trial (run_key
+"trial-<UTC timestamp>"), created "executing" with started_at set and its targets "pending" in
+the same transaction, so the manager batches it at once and never prepares it (preparation only
+takes "ready" instances, and refuses trial messages). Addresses that are no customer yet become
+customers without attributes. Subscriptions, audience and segments are ignored; suppression
+lists are not (skipped addresses are reported with the list). A trial works on a campaign in
+any status but cancelled/archived (a draft, a paused one) and does not change that status;
+its targets belong to another message, so the main launch's "already mailed" exclusion does not
+see them. Rendering as another customer (--as) needs the composer to take merge data from a
+customer other than the target's; not supported yet.
+
 Preflight prepares the main message into a dry-run instance inside a transaction that is
 rolled back (so the counts are exactly what a launch would target now, and nothing is
 written), and adds recipient domains, suppression hits, an estimated duration at the
@@ -58,7 +71,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from croniter import croniter
 from sqlalchemy import Connection, Engine, func, insert, select, update
 
-from connectd import dnscheck, log
+from connectd import dnscheck, execution, log
 from connectd.core import attributes as attrs
 from connectd.core import filters as f
 from connectd.db.customer import (
@@ -70,6 +83,8 @@ from connectd.db.customer import (
     Message,
     MessageInstance,
     Segment,
+    SuppressionEntry,
+    SuppressionList,
     Target,
 )
 from connectd.db.engine import writer as write_engine
@@ -78,6 +93,7 @@ from connectd.segments import compile_filter, load_types
 from connectd.settings import Settings
 
 LAUNCH_RUN_KEY = "launch"  # run_key of a normal campaign's one instance (unique per message)
+TRIAL_MESSAGE = "trial"  # name and kind of a campaign's one trial message
 RUNNING_INSTANCES = ("ready", "preparing", "executing")
 _NAME_PREFIX = re.compile(r"\s*([A-Za-z][\w-]{0,99})=(?!=)(.*)", re.DOTALL)
 _UNSAFE_DIR_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
@@ -390,7 +406,8 @@ def _main_message(conn: Connection, campaign_id: int) -> Any:
 
 def _instances_of(conn: Connection, campaign_id: int) -> list[Any]:
     return list(conn.execute(
-        select(MessageInstance, Message.name.label("message_name"))
+        select(MessageInstance, Message.name.label("message_name"),
+               Message.kind.label("message_kind"))
         .join(Message, Message.id == MessageInstance.message_id)
         .where(Message.campaign_id == campaign_id)
         .order_by(MessageInstance.scheduled_at, MessageInstance.id)).all())
@@ -503,12 +520,139 @@ def resume(engine: Engine, name: str, now: datetime | None = None) -> int:
     return int(resumed)
 
 
+# --- trial sends -------------------------------------------------------------------------------
+
+@dataclass
+class TrialResult:
+    """What one trial did: the instance, who it goes to, who was created, who was skipped."""
+
+    campaign: str
+    instance: int
+    run_key: str
+    sent_to: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)  # new customers, no attributes
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"address", "reason"}
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _trial_addresses(addresses: Sequence[str]) -> dict[str, str]:
+    """The --to values -> {email_key: address as given}, first spelling kept; CampaignError
+    naming a value that is not an address."""
+    out: dict[str, str] = {}
+    for raw in addresses:
+        address = raw.strip()
+        if not attrs.is_plausible_email(address):
+            raise CampaignError(f"--to {raw!r} is not an e-mail address")
+        out.setdefault(attrs.email_key(address), address)
+    if not out:
+        raise CampaignError("give at least one --to address")
+    return out
+
+
+def _suppression_reasons(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
+    """email_key -> why it is suppressed (address first, then domain), for those that are;
+    compared lower-cased, exactly as preparation does."""
+    domains = {k.partition("@")[2]: k for k in keys}
+    value = func.lower(SuppressionEntry.value)
+    rows = conn.execute(
+        select(SuppressionEntry.kind, value, SuppressionList.name)
+        .join(SuppressionList, SuppressionList.id == SuppressionEntry.list_id)
+        .where(((SuppressionEntry.kind == "address") & value.in_(list(keys)))
+               | ((SuppressionEntry.kind == "domain") & value.in_(list(domains))))
+        .order_by(SuppressionEntry.kind, SuppressionList.name)).all()
+    found: dict[str, str] = {}
+    for kind, val, list_name in rows:  # "address" sorts before "domain": it wins
+        if kind == "address":
+            found.setdefault(val, f"suppressed address (list {list_name})")
+        else:
+            for key in keys:
+                if key.partition("@")[2] == val:
+                    found.setdefault(key, f"suppressed domain {val} (list {list_name})")
+    return found
+
+
+def _trial_message(conn: Connection, campaign_id: int, main: Any, now: datetime) -> int:
+    """The campaign's trial message, created on first use; it always carries the main
+    message's current content (a trial shows what a launch would send)."""
+    found = conn.execute(select(Message.id, Message.content_id).where(
+        Message.campaign_id == campaign_id, Message.kind == TRIAL_MESSAGE)
+        .order_by(Message.id).limit(1)).one_or_none()
+    if found is None:
+        return int(conn.execute(insert(Message).values(
+            campaign_id=campaign_id, name=TRIAL_MESSAGE, kind=TRIAL_MESSAGE,
+            content_id=main.content_id, created_at=now, updated_at=now)
+            .returning(Message.id)).scalar_one())
+    if found.content_id != main.content_id:
+        conn.execute(update(Message).where(Message.id == found.id).values(
+            content_id=main.content_id, updated_at=now))
+    return int(found.id)
+
+
+def _trial_customers(conn: Connection, wanted: dict[str, str],
+                     now: datetime) -> tuple[dict[str, int], list[str]]:
+    """email_key -> customer id for `wanted`, creating (without attributes) those that do
+    not exist yet -> (ids, addresses created)."""
+    ids = dict(conn.execute(select(Customer.email_key, Customer.id).where(
+        Customer.email_key.in_(list(wanted)))).all())
+    created = [wanted[k] for k in wanted if k not in ids]
+    for key in wanted:
+        if key not in ids:
+            ids[key] = conn.execute(insert(Customer).values(
+                email=wanted[key], email_key=key, attributes={}, created_at=now,
+                updated_at=now).returning(Customer.id)).scalar_one()
+    return ids, created
+
+
+def trial(engine: Engine, name: str, addresses: Sequence[str],
+          now: datetime | None = None) -> TrialResult:
+    """Send campaign `name`'s main content now to `addresses` as a trial (module notes).
+
+    One transaction: the trial message (on first use), unknown addresses as new customers,
+    an instance "executing" (so the manager batches it without preparation) and its targets
+    "pending". Subscriptions, audience and segments are ignored, suppression lists are not.
+    The campaign's status is left as it is (a draft can be trialled). CampaignError when the
+    campaign cannot send or every address is suppressed (nothing is written then)."""
+    now = now or datetime.now(UTC)
+    wanted = _trial_addresses(addresses)
+    with write_engine(engine).begin() as conn:
+        campaign = _campaign(conn, name, lock=True)
+        if campaign.status in ("cancelled", "archived"):
+            raise CampaignError(f"campaign {name!r} is {campaign.status}; it sends nothing")
+        main = _main_message(conn, campaign.id)
+        if main.content_id is None:
+            raise CampaignError(f"campaign {name!r} has no content to send")
+        suppressed = _suppression_reasons(conn, list(wanted))
+        skipped = [{"address": wanted[k], "reason": suppressed[k]} for k in wanted
+                   if k in suppressed]
+        allowed = {k: v for k, v in wanted.items() if k not in suppressed}
+        if not allowed:
+            raise CampaignError("every address is suppressed: " + "; ".join(
+                f"{s['address']}: {s['reason']}" for s in skipped))
+        message_id = _trial_message(conn, campaign.id, main, now)
+        ids, created = _trial_customers(conn, allowed, now)
+        run_key = f"trial-{now.astimezone(UTC):%Y%m%dT%H%M%S.%fZ}"
+        # executing from the start, started_at set: the manager's due/prepare step only takes
+        # "ready" instances, so the exact target list below is never replaced by a segment
+        instance_id = conn.execute(insert(MessageInstance).values(
+            message_id=message_id, run_key=run_key, status="executing", scheduled_at=now,
+            started_at=now, created_at=now, target_count=len(ids))
+            .returning(MessageInstance.id)).scalar_one()
+        conn.execute(insert(Target), [
+            {"instance_id": instance_id, "customer_id": cid, "segment_id": None,
+             "status": "pending", "updated_at": now} for cid in ids.values()])
+    result = TrialResult(campaign.name, int(instance_id), run_key,
+                         sent_to=list(allowed.values()), created=created, skipped=skipped)
+    log.get(campaign=name).info("campaign.trial", instance=instance_id, to=len(ids),
+                                created=len(created), skipped=len(skipped))
+    return result
+
+
 # --- status, list, show ------------------------------------------------------------------------
 
 def _counts(conn: Connection, instance_id: int) -> dict[str, int]:
-    from connectd.execution import instance_counts
-
-    return instance_counts(conn, instance_id)
+    return execution.instance_counts(conn, instance_id)
 
 
 def _segment_counts(conn: Connection, instance_id: int) -> dict[str, dict[str, int]]:
@@ -527,12 +671,14 @@ def _segment_counts(conn: Connection, instance_id: int) -> dict[str, dict[str, i
 
 def status(conn: Connection, name: str) -> dict[str, Any]:
     """A campaign's state: each instance's status, targets per status (unknown included),
-    per segment, and the error of a failed instance."""
+    per segment, and the error of a failed instance; trial sends are instances with
+    "trial": true."""
     campaign = _campaign(conn, name)
     instances = []
     for inst in _instances_of(conn, campaign.id):
         instances.append({
             "id": inst.id, "message": inst.message_name, "run_key": inst.run_key,
+            "trial": inst.message_kind == TRIAL_MESSAGE,
             "status": inst.status, "scheduled_at": _iso(inst.scheduled_at),
             "started_at": _iso(inst.started_at), "finished_at": _iso(inst.finished_at),
             "error": inst.error, "counts": _counts(conn, inst.id),
@@ -544,18 +690,24 @@ def status(conn: Connection, name: str) -> dict[str, Any]:
 
 
 def list_campaigns(conn: Connection) -> list[dict[str, Any]]:
-    """Every campaign with its conversation, instances and targets sent/failed/unknown."""
+    """Every campaign with its conversation, instances and targets sent/failed/unknown
+    (trial sends not included: "trials" counts them)."""
     totals: dict[int, dict[str, int]] = {}
     for campaign_id, st, n in conn.execute(
             select(Message.campaign_id, Target.status, func.count())
             .join(MessageInstance, MessageInstance.message_id == Message.id)
             .join(Target, Target.instance_id == MessageInstance.id)
+            .where(Message.kind != TRIAL_MESSAGE)
             .group_by(Message.campaign_id, Target.status)):
         totals.setdefault(campaign_id, {})[st] = int(n)
-    launches = dict(conn.execute(
-        select(Message.campaign_id, func.count(MessageInstance.id))
-        .join(MessageInstance, MessageInstance.message_id == Message.id)
-        .group_by(Message.campaign_id)).all())
+    launches: dict[int, int] = {}
+    trials: dict[int, int] = {}
+    for campaign_id, kind, n in conn.execute(
+            select(Message.campaign_id, Message.kind, func.count(MessageInstance.id))
+            .join(MessageInstance, MessageInstance.message_id == Message.id)
+            .group_by(Message.campaign_id, Message.kind)):
+        into = trials if kind == TRIAL_MESSAGE else launches
+        into[campaign_id] = into.get(campaign_id, 0) + int(n)
     rows = []
     for c in conn.execute(
             select(Campaign, Conversation.name.label("conversation_name"))
@@ -565,6 +717,7 @@ def list_campaigns(conn: Connection) -> list[dict[str, Any]]:
         conversation = c.conversation_name
         rows.append({"name": c.name, "kind": c.kind, "status": c.status,
                      "conversation": conversation, "instances": int(launches.get(c.id, 0)),
+                     "trials": int(trials.get(c.id, 0)),
                      "targets": sum(t.values()), "sent": t.get("sent", 0),
                      "failed": t.get("failed", 0), "unknown": t.get("unknown", 0),
                      "starts_at": _iso(c.starts_at), "created_at": _iso(c.created_at)})
@@ -574,6 +727,7 @@ def list_campaigns(conn: Connection) -> list[dict[str, Any]]:
 def show(conn: Connection, name: str) -> dict[str, Any]:
     """A campaign's definition: audience, segments, schedule, messages and their content."""
     c = _campaign(conn, name)
+    found = _instances_of(conn, c.id)
     conversation = conn.execute(select(Conversation.name).where(
         Conversation.id == c.conversation_id)).scalar()
     segments = [{"position": s.position, "name": s.name, "filter": s.filter_expr,
@@ -596,7 +750,8 @@ def show(conn: Connection, name: str) -> dict[str, Any]:
             "from": c.from_address, "cron": c.cron, "every_n_days": c.every_n_days,
             "starts_at": _iso(c.starts_at), "created_at": _iso(c.created_at),
             "segments": segments, "messages": messages,
-            "instances": len(_instances_of(conn, c.id))}
+            "instances": sum(i.message_kind != TRIAL_MESSAGE for i in found),
+            "trials": sum(i.message_kind == TRIAL_MESSAGE for i in found)}
 
 
 # --- preflight ---------------------------------------------------------------------------------
@@ -652,15 +807,19 @@ def _dry_run(engine: Engine, campaign_name: str, now: datetime) -> tuple[Any, An
     return campaign, content, result, domains
 
 
+NO_COMPOSER = "no composer measured yet"
+MIN_THROUGHPUT = 1.0  # messages/s; below it a measurement says nothing (idle or starting)
+
+
 def composer_throughput(conn: Connection, now: datetime, timeout: float) -> tuple[float, str]:
-    """(messages/s, where from): live composers' sum, else the best ever measured."""
+    """(messages/s, where from): the sum over the live composers (connectd.execution's
+    notion: a heartbeat within manager.composer_timeout); (0.0, NO_COMPOSER) when none is
+    live or together they measure under MIN_THROUGHPUT (idle composers report ~0)."""
     live = conn.execute(select(func.coalesce(func.sum(ComposerHeartbeat.throughput), 0.0))
-                        .where(ComposerHeartbeat.last_seen >= now - timedelta(seconds=timeout))
-                        ).scalar_one()
-    if live and live > 0:
+                        .where(execution.live_composer(now, timeout))).scalar_one()
+    if live and live >= MIN_THROUGHPUT:
         return float(live), "live composers"
-    best = conn.execute(select(func.max(ComposerHeartbeat.throughput))).scalar()
-    return (float(best), "last measured (no composer running)") if best else (0.0, "none")
+    return 0.0, NO_COMPOSER
 
 
 def domain_rates(settings: Settings) -> dict[str, float]:
@@ -677,8 +836,8 @@ def domain_rates(settings: Settings) -> dict[str, float]:
 def estimate_duration(total: int, domains: dict[str, int], settings: Settings,
                       throughput: float) -> dict[str, Any]:
     """Seconds a send of `total` takes at the tightest of: the global rate, each domain's
-    rate, the composers' measured throughput. None when nothing limits (no rates, no
-    measurement)."""
+    rate, the composers' measured throughput (only from MIN_THROUGHPUT up: an idle
+    composer's ~0/s is no limit). None when nothing limits (no rates, no measurement)."""
     limits: list[tuple[float, str]] = []
     c = settings.composer
     if c.rate_global > 0:
@@ -691,7 +850,7 @@ def estimate_duration(total: int, domains: dict[str, int], settings: Settings,
             worst = (n / rate, f"{domain} at {rate:g}/s")
     if worst:
         limits.append(worst)
-    if throughput > 0:
+    if throughput >= MIN_THROUGHPUT:
         limits.append((total / throughput, f"composer throughput {throughput:.0f}/s"))
     if not limits or total == 0:
         return {"seconds": 0.0 if total == 0 else None, "limited_by": None,
@@ -739,8 +898,8 @@ def preflight(engine: Engine, settings: Settings, name: str, now: datetime | Non
     report.estimate = estimate_duration(result.added, domains, settings, throughput)
     report.estimate["throughput_source"] = source
     if report.estimate["seconds"] is None:
-        report.warnings.append("no duration estimate: no rate limit configured and no "
-                               "composer throughput measured yet")
+        report.warnings.append(f"no duration estimate: no rate limit configured and "
+                               f"{NO_COMPOSER}")
     if result.added == 0:
         report.warnings.append("nobody would be targeted now")
     for url in (content.html_url, content.text_url) if content else ():

@@ -28,6 +28,10 @@ Lifecycle (the outbound contract):
 - completion: an executing instance with no target pending/batched/sending/deferred and no
   batch pending/claimed is "done" (its counts written); a campaign whose instances are all
   done is "done", unless it repeats (recurring, event, subscription campaigns stay running).
+- trial sends (messages of kind "trial", connectd.campaigns.trial): their instances are
+  created "executing" with their targets, so they skip preparation and are batched, retried
+  and completed like any other; they are batched while the campaign is paused too, and a
+  campaign's completion ignores them.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from datetime import UTC, datetime, time, timedelta, tzinfo
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Connection, and_, delete, exists, func, insert, not_, select, update
+from sqlalchemy import Connection, and_, delete, exists, func, insert, not_, or_, select, update
+from sqlalchemy.sql.elements import ColumnElement
 
 from connectd import log, preparation
 from connectd.core.schedule import RetryPolicy, next_attempt
@@ -59,6 +64,8 @@ OPEN_TARGETS = ("pending", "batched", "sending", "deferred")
 OPEN_BATCHES = ("pending", "claimed")
 # campaign statuses under which nothing new starts: no preparation, no new batches
 HELD_CAMPAIGNS = ("paused", "cancelled", "archived")
+# a trial (test send): its instance is created "executing" with its targets, never prepared
+TRIAL_KIND = "trial"
 
 _QUIET = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
 
@@ -222,14 +229,20 @@ class ComposerLoad:
     backlog: int  # targets left in the live composers' claimed batches
 
 
+def live_composer(now: datetime, timeout: float) -> ColumnElement[bool]:
+    """The condition on composer_heartbeats of a live composer: seen within `timeout`
+    seconds (manager.composer_timeout). One definition for batching and the preflight."""
+    return ComposerHeartbeat.last_seen >= now - timedelta(seconds=timeout)
+
+
 def composer_load(conn: Connection, now: datetime, timeout: float) -> ComposerLoad:
     """What the live composers reported in their latest heartbeats."""
     hb = ComposerHeartbeat
-    live_since = now - timedelta(seconds=timeout)
+    live_now = live_composer(now, timeout)
     live, backlog = conn.execute(select(func.count(), func.coalesce(func.sum(hb.backlog), 0))
-                                 .where(hb.last_seen >= live_since)).one()
+                                 .where(live_now)).one()
     rate = conn.execute(select(func.avg(hb.throughput))
-                        .where(hb.last_seen >= live_since, hb.throughput > 0)).scalar()
+                        .where(live_now, hb.throughput > 0)).scalar()
     return ComposerLoad(int(live), float(rate or 0.0), int(backlog))
 
 
@@ -242,11 +255,15 @@ def batch_size(cfg: ExecutionConfig, load: ComposerLoad) -> int:
 
 
 def _sendable() -> Any:
-    """Instances whose targets may be batched: executing, campaign not held."""
+    """Instances whose targets may be batched: executing, campaign not held. A trial's
+    instance also while its campaign is paused: pausing to fix the content and then sending
+    a trial of the fix is the usual way to work (pause() pauses a trial already in flight)."""
+    trial_while_paused = and_(Message.kind == TRIAL_KIND, Campaign.status == "paused")
     return (select(MessageInstance.id)
             .join(Message, Message.id == MessageInstance.message_id)
             .join(Campaign, Campaign.id == Message.campaign_id)
-            .where(MessageInstance.status == "executing", Campaign.status.notin_(HELD_CAMPAIGNS)))
+            .where(MessageInstance.status == "executing",
+                   or_(Campaign.status.notin_(HELD_CAMPAIGNS), trial_while_paused)))
 
 
 def _pending_batches(conn: Connection) -> int:
@@ -392,10 +409,12 @@ def complete_campaigns(conn: Connection, now: datetime) -> list[tuple[int, str]]
     again at their next occurrence or event) whose instances are all done -> "done". A
     sweep, not a consequence of the last instance finishing, so a campaign paused at that
     moment becomes done once it is resumed."""
+    # trial sends are no part of a campaign's run: one still going (or failed) must not keep
+    # it from being done, nor may a trial alone make it done
     has_instance = exists().where(MessageInstance.message_id == Message.id,
-                                  Message.campaign_id == Campaign.id)
+                                  Message.campaign_id == Campaign.id, Message.kind != TRIAL_KIND)
     unfinished = exists().where(MessageInstance.message_id == Message.id,
-                                Message.campaign_id == Campaign.id,
+                                Message.campaign_id == Campaign.id, Message.kind != TRIAL_KIND,
                                 MessageInstance.status != "done")
     found = [(r[0], r[1]) for r in conn.execute(select(Campaign.id, Campaign.name).where(
         Campaign.status == "running", Campaign.kind.notin_(preparation.REPEATING_KINDS),

@@ -17,7 +17,8 @@ once), customers holding a target of ANOTHER instance of the same message in any
 "failed" (recurring, event and subscription campaigns mail again on every occurrence), and,
 for a recurring campaign with `every_n_days`, customers holding a target (not failed) of
 another instance of this campaign scheduled less than N days before this one (to the
-nearest day; "recently_mailed").
+nearest day; "recently_mailed"). Trial sends (messages of kind "trial") count for neither:
+a test copy is not the campaign's mail; and a trial's instance is never prepared.
 Suppression values are compared lower-cased, so entries in any case match.
 
 A message with `segment_id` goes to that segment's customers only (first-match still decides
@@ -217,6 +218,11 @@ def _load(conn: Connection, instance_id: int, now: datetime) -> _Plan:
         raise ValueError(f"message instance {instance_id} is {instance.status}; only "
                          f"{', '.join(PREPARABLE)} instances are prepared")
     message = conn.execute(select(Message).where(Message.id == instance.message_id)).one()
+    if message.kind == "trial":
+        # its targets are exactly the addresses the trial named; preparing it would add the
+        # whole audience to a test send
+        raise ValueError(f"message instance {instance_id} is a trial send; trials are not "
+                         "prepared")
     campaign = conn.execute(select(Campaign).where(Campaign.id == message.campaign_id)).one()
     if campaign.conversation_id is None:
         raise ValueError(f"campaign {campaign.name!r} has no conversation: nobody to target")
@@ -292,7 +298,7 @@ def _recently_mailed(plan: _Plan) -> Any:
     return (select(Target.customer_id)
             .join(MessageInstance, MessageInstance.id == Target.instance_id)
             .join(Message, Message.id == MessageInstance.message_id)
-            .where(Message.campaign_id == plan.campaign.id,
+            .where(Message.campaign_id == plan.campaign.id, Message.kind != "trial",
                    MessageInstance.id != plan.instance.id, Target.status != "failed",
                    MessageInstance.scheduled_at > literal(cutoff, UtcDateTime())))
 

@@ -4,6 +4,7 @@ real local DNS server and a real HTTP server for content)."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import threading
 from collections.abc import Iterator
@@ -446,12 +447,55 @@ def test_preflight_dns_unreachable_is_a_warning(engine: Engine,
     assert "DNS unreachable" in finding["message"]
 
 
-def test_estimate_uses_measured_throughput(engine: Engine, settings: settings_mod.Settings) -> None:
-    """Live composers' throughput is part of the estimate when it is the tightest limit."""
+def heartbeat(engine: Engine, name: str, throughput: float, seen: datetime = NOW) -> None:
     with engine.begin() as conn:
         conn.execute(insert(ComposerHeartbeat).values(
-            name="composer-1@h", host="h", pid=1, started_at=NOW, last_seen=NOW, throughput=0.1))
+            name=name, host="h", pid=1, started_at=seen, last_seen=seen, throughput=throughput))
+
+
+def test_estimate_uses_measured_throughput(engine: Engine, settings: settings_mod.Settings) -> None:
+    """Live composers' summed throughput is part of the estimate when it is the tightest limit."""
+    heartbeat(engine, "composer-1@h", 0.6)
+    heartbeat(engine, "composer-2@h", 0.6)
+    with engine.connect() as conn:
         throughput, source = campaigns.composer_throughput(conn, NOW, 60.0)
-    assert (throughput, source) == (0.1, "live composers")
-    est = campaigns.estimate_duration(5, {"x.com": 2, "y.org": 3}, settings, throughput)
-    assert est["seconds"] == 50.0 and "composer throughput" in est["limited_by"]
+    assert (throughput, source) == (1.2, "live composers")
+    est = campaigns.estimate_duration(60, {"x.com": 2, "y.org": 3}, settings, throughput)
+    assert est["seconds"] == 50.0 and est["limited_by"] == "composer throughput 1/s"
+
+
+@pytest.mark.parametrize(("throughput", "seen_ago"), [(0.0, 0), (0.4, 0), (900.0, 61)],
+                         ids=["idle", "under-1", "not-live"])
+def test_no_composer_measured_is_no_limit(engine: Engine, settings: settings_mod.Settings,
+                                          throughput: float, seen_ago: int) -> None:
+    """An idle composer (0/s, under 1/s) or one not live (heartbeat older than
+    manager.composer_timeout) gives "no composer measured yet", not a 0/s limit."""
+    heartbeat(engine, "composer-1@h", throughput, NOW - timedelta(seconds=seen_ago))
+    make(engine, settings)
+    report = campaigns.preflight(engine, settings, "spring", NOW, check_dns=False)
+    est = report.estimate
+    assert est["throughput_source"] == campaigns.NO_COMPOSER
+    assert est["throughput"] == 0.0
+    assert "composer" not in (est["limited_by"] or "")
+    # 5 targets at rate_global 2/s = 2.5 s; x.com 2 at 0.25/s = 8 s: the domain limits
+    assert (est["seconds"], est["limited_by"]) == (8.0, "x.com at 0.25/s")
+    unlimited = dataclasses.replace(settings, composer=dataclasses.replace(
+        settings.composer, rate_global=0.0, rate_per_domain=0.0, domain_rates=[]))
+    assert campaigns.estimate_duration(5, {"x.com": 5}, unlimited, 0.4)["seconds"] is None
+
+
+def test_preflight_cli_says_no_composer_measured(engine: Engine, settings: settings_mod.Settings,
+                                                 tmp_path: Path) -> None:
+    """`campaign preflight` prints "no composer measured yet", never "composer throughput 0/s"."""
+    from click.testing import CliRunner
+
+    from connectd.cli import main
+
+    heartbeat(engine, "composer-1@h", 0.2, datetime.now(UTC))
+    make(engine, settings)
+    cfg = tmp_path / "etc" / "connectd.toml"
+    result = CliRunner(env={"CONNECTD_CONFIG": str(cfg)}).invoke(
+        main, ["campaign", "preflight", "spring", "--no-dns"])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "estimated duration" in x)
+    assert "no composer measured yet" in line and "0/s" not in line, line
