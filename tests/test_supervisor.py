@@ -408,7 +408,7 @@ def test_connectd_up_end_to_end(tmp_path: Path) -> None:
 
     from connectd import daemons
 
-    available = list(getattr(daemons, "DAEMONS", {}))
+    available = expand_instances(list(getattr(daemons, "DAEMONS", {})), 1)  # composer-1
     if not available:
         pytest.skip("connectd.daemons.DAEMONS does not exist yet in this build")
     extra = (f"[web]\nport = {(web := free_port())}\npublic_url = \"http://127.0.0.1:{web}\"\n"
