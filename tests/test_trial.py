@@ -260,3 +260,104 @@ def test_cli_trial_and_status(engine: Engine, settings: settings_mod.Settings,
     assert "Traceback" not in r.output
     r = runner.invoke(main, ["campaign", "trial", "spring"])
     assert r.exit_code == 2 and "--to" in r.output
+
+
+# --- end to end, real processes ----------------------------------------------------------------
+
+def _instance(url: str, run_key_like: str) -> tuple[str, str | None]:
+    """(status, error) of the newest instance whose run_key is LIKE the pattern."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    eng = create_engine(url, poolclass=NullPool)
+    try:
+        with eng.connect() as conn:
+            found = conn.execute(text(
+                "SELECT status, error FROM message_instances WHERE run_key LIKE :k "
+                "ORDER BY id DESC"), {"k": run_key_like}).first()
+    finally:
+        eng.dispose()
+    return (found.status, found.error) if found else ("none", None)
+
+
+def _wait(url: str, group: Any, run_key_like: str, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    state: tuple[str, str | None] = ("none", None)
+    while time.monotonic() < deadline:
+        group.check_alive()
+        state = _instance(url, run_key_like)
+        if state[0] in ("done", "failed"):
+            break
+        time.sleep(0.2)
+    assert state[0] == "done", (f"{run_key_like}: {state} after {timeout} s\n"
+                                + "\n".join(f"--- {n}\n{group.tail(n)}" for n in group.procs))
+
+
+def _html_of(data: bytes) -> str:
+    import email
+    from email import policy
+
+    msg = email.message_from_bytes(data, policy=policy.default)
+    part = msg.get_body(("html",))
+    assert part is not None
+    return part.get_content()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.postgres)])
+def test_trial_end_to_end_then_launch(tmp_path: Path, backend: str,
+                                      request: pytest.FixtureRequest) -> None:
+    """Real manager, composer, web and profiler: `campaign trial` to 3 addresses (one
+    suppressed, one new) reaches the counting relay exactly for the 2 allowed, with the
+    existing customer's merge data; the later launch still mails everyone targeted, the
+    trial's existing recipient included, and neither the new nor the suppressed one."""
+    from helpers.smtp_counter import CountingRelay
+    from test_outbound_e2e import Daemons, connectd, load_campaign, setup_tree
+
+    customer_url = request.getfixturevalue("pg_url_factory")() if backend == "postgresql" \
+        else None
+    url = customer_url or f"sqlite:///{tmp_path / 'spool' / 'customer.db'}"
+    group = Daemons(tmp_path / "etc" / "connectd.toml", tmp_path / "logs")
+    try:
+        with CountingRelay(keep_bytes=True) as relay:
+            cfg = setup_tree(tmp_path, relay.port, customer_url,
+                             extra="[manager]\npoll_interval = 0.2\n")
+            aud = load_campaign(cfg, tmp_path, 200)
+            member = sorted(aud.expected)[0]
+            suppressed = "someone@blocked.example"
+            new = "Brand.New@example.com"
+            for name in ("profiler", "web", "manager", "composer-1"):
+                group.start(name)
+            out = connectd(cfg, "campaign", "trial", "spring", "--to", member, "--to", new,
+                           "--to", suppressed).stdout
+            assert f"skipped {suppressed}: suppressed domain blocked.example" in out, out
+            assert f"{new}: not a customer yet" in out, out
+            _wait(url, group, "trial-%")
+            assert relay.per_recipient() == {member: 1, new.lower(): 1}
+            by_rcpt = {d.rcpt: d for d in relay.deliveries}
+            first = "Name" + member.split("@")[0][1:]  # c17@... was imported as Name17
+            assert f"Hello {first}," in _html_of(by_rcpt[member].data)
+            assert "Hello friend," in _html_of(by_rcpt[new.lower()].data)
+            status = orjson.loads(connectd(cfg, "campaign", "status", "spring", "--json").stdout)
+            assert status["status"] == "ready"  # a trial leaves the campaign a draft
+            assert [i["trial"] for i in status["instances"]] == [True]
+            connectd(cfg, "campaign", "launch", "spring")
+            _wait(url, group, "launch")
+            group.stop_all()
+    finally:
+        for proc in group.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    got = relay.per_recipient()
+    launch_ids = {d.message_id for d in relay.deliveries if d.rcpt != new.lower()}
+    assert set(got) == aud.expected | {new.lower()}
+    assert got[member] == 2 and got[new.lower()] == 1
+    assert all(got[e] == 1 for e in aud.expected - {member})
+    assert suppressed not in got
+    # the trial copy and the launch copy are different messages (instance in the Message-ID)
+    assert len(launch_ids) == len(aud.expected) + 1
