@@ -594,15 +594,26 @@ def _trial_customers(conn: Connection, wanted: dict[str, str],
                      now: datetime) -> tuple[dict[str, int], list[str]]:
     """email_key -> customer id for `wanted`, creating (without attributes) those that do
     not exist yet -> (ids, addresses created)."""
-    ids = dict(conn.execute(select(Customer.email_key, Customer.id).where(
-        Customer.email_key.in_(list(wanted)))).all())
-    created = [wanted[k] for k in wanted if k not in ids]
-    for key in wanted:
-        if key not in ids:
-            ids[key] = conn.execute(insert(Customer).values(
-                email=wanted[key], email_key=key, attributes={}, created_at=now,
-                updated_at=now).returning(Customer.id)).scalar_one()
-    return ids, created
+    def existing() -> dict[str, int]:
+        return dict(conn.execute(select(Customer.email_key, Customer.id).where(
+            Customer.email_key.in_(list(wanted)))).all())
+
+    ids = existing()
+    missing = [k for k in wanted if k not in ids]
+    if not missing:
+        return ids, []
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert  # type: ignore[assignment]
+    # DO NOTHING: an import (or another trial) may add the same address meanwhile; then it is
+    # that customer, with its attributes, and not reported as created here
+    made = conn.execute(dialect_insert(Customer).values([
+        {"email": wanted[k], "email_key": k, "attributes": {}, "created_at": now,
+         "updated_at": now} for k in missing])
+        .on_conflict_do_nothing(index_elements=["email_key"])
+        .returning(Customer.email_key)).scalars().all()
+    return existing(), [wanted[k] for k in missing if k in set(made)]
 
 
 def trial(engine: Engine, name: str, addresses: Sequence[str],
