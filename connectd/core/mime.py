@@ -178,6 +178,12 @@ def _from_header(name: str, addr: str) -> str:
     return _encoded_words("From", shown) + f"\r\n <{addr}>"
 
 
+@functools.lru_cache(maxsize=16)
+def _date_header(date: datetime) -> str:
+    # A sender passing whole seconds (the header has no finer ones) formats once a second.
+    return "Date: " + format_datetime(date)
+
+
 def _list_unsubscribe(mailto: str | None, url: str | None) -> list[str]:
     targets = []
     if mailto:
@@ -337,7 +343,7 @@ def build_message(*, from_addr: str, from_name: str | None, to_addr: str, subjec
         _from_header(from_name or "", from_addr),
         "To: " + _address(to_addr, "to_addr"),
         unstructured("Subject", subject),
-        "Date: " + format_datetime(date),
+        _date_header(date),
         "Message-ID: " + mid,
         *_list_unsubscribe(list_unsubscribe_mailto, list_unsubscribe_url),
         *_extra(extra_headers),
