@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from connectd.core import render as rd
 from connectd.core.tokens import sign_token
@@ -298,3 +300,27 @@ def test_micro_timing_render_and_rewrite() -> None:
     print(f"\n8 KB page, 10 links, per message: render (incl. derived text) "
           f"{(t1 - t0) / n * 1e6:.0f} us, rewrite 10 signed links {(t4 - t3) / n * 1e6:.0f} us, "
           f"render + rewrite + pixel {(t2 - t1) / n * 1e6:.0f} us")
+
+
+MERGE_ONLY_PIECES = ["Hi ", "[First Name|friend]", "[city]", "<b>", "&", "\n", "[x|<i>y</i>]",
+                     "<style>a[href]{}</style>", "[LAST_NAME| ]", "}}", "%}", "{", "}", "[1]",
+                     "[see](https://x)", "<!--[if mso]>"]
+
+
+@given(pieces=st.lists(st.sampled_from(MERGE_ONLY_PIECES), max_size=12),
+       first=st.sampled_from(["Ann", "<&>", "", "  ", None, 7, "{{ 7*7 }}"]),
+       city=st.sampled_from(["Lyon", "", None, "a&b"]))
+def test_merge_only_templates_render_as_jinja(pieces: list[str], first: object,
+                                              city: object) -> None:
+    """A template of text and merge tags only (rendered without Jinja2's per-render set-up)
+    gives exactly what Jinja2 gives, escaped in HTML and not in text."""
+    source = "".join(pieces)
+    data = {"first_name": first, "city": city, "last_name": "Doe"}
+    if not any(d in source for d in ("{{", "{%", "{#")):
+        assert rd._merge_only(source) is not None
+    for mode in ("html", "text"):
+        try:
+            template = rd._compile(mode, source)
+        except rd.RenderError:
+            continue  # refused by check() before any customer, fast path or not
+        assert rd._run(mode, source, data) == template.render(data, **{rd._DATA: data})
