@@ -23,7 +23,7 @@ from test_execution import NOW, launch, seed, step
 from connectd import settings as settings_mod
 from connectd.consumer import Consumer, all_streams
 from connectd.daemons.profiler import Profiler, consumer_name
-from connectd.db.customer import CustomerStats, MailBatch, Target
+from connectd.db.customer import CustomerStats, MailBatch, Message, MessageInstance, Target
 from connectd.db.engine import make_engine
 from connectd.db.report import EventTotal, HourlyCount, MessageFact
 from connectd.spool import Spool
@@ -260,3 +260,17 @@ def test_profiler_killed_midway_applies_each_once(world: Any) -> None:
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert w.sent_counts() == {c: 1 for c in w.customers}
     assert {s for s, _, _ in w.targets().values()} == {"sent"}
+
+
+def test_trial_sends_update_targets_but_not_profiles(world: Any) -> None:
+    """A trial instance's "sent" marks its target sent but leaves customer_stats alone."""
+    w = world(2)
+    a, b = w.customers
+    with w.customer.begin() as conn:
+        message = conn.execute(select(MessageInstance.message_id)
+                               .where(MessageInstance.id == w.instance)).scalar_one()
+        conn.execute(update(Message).where(Message.id == message).values(kind="trial"))
+    w.write([w.sent(a), w.sent(b)])
+    assert w.apply() == 2
+    assert {x[0] for x in w.targets().values()} == {"sent"}
+    assert w.sent_counts() == {}

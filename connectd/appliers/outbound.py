@@ -8,7 +8,8 @@ only when the record's attempt >= the target's attempts and the target is "sendi
 composer's record turns up after all). That condition makes a record for an older attempt, or
 one applied again, change nothing. Customers whose target became "sent" here get
 customer_stats.sent_count + 1 and last_sent_at: counted from the rows the UPDATE changed (its
-RETURNING), so the profile can never count one hand-off twice. Deferred targets keep
+RETURNING), so the profile can never count one hand-off twice. Trial sends (instances of a
+message of kind "trial", test copies) update their targets but not the profile. Deferred targets keep
 next_attempt_at NULL: the manager computes it.
 
 report DB: `composer.sent` -> message_facts.sent_at ("sent") / failed_at ("failed"),
@@ -27,12 +28,12 @@ from collections import Counter
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from connectd.appliers import applies
 from connectd.appliers.sql import db_time, upsert
 from connectd.appliers.tracking import _hour
-from connectd.db.customer import CustomerStats
+from connectd.db.customer import CustomerStats, Message, MessageInstance
 from connectd.db.report import NO_SEGMENT, EventTotal, HourlyCount, MessageFact
 from connectd.records import ComposerContent, ComposerSent
 
@@ -54,7 +55,7 @@ FROM (SELECT value ->> 0 AS instance_id, value ->> 1 AS customer_id, value ->> 2
       FROM json_each(?)) AS r
 WHERE targets.instance_id = r.instance_id AND targets.customer_id = r.customer_id
   AND +targets.status IN ('sending', 'unknown') AND targets.attempts <= r.attempt
-RETURNING targets.customer_id, targets.status, targets.updated_at
+RETURNING targets.customer_id, targets.status, targets.updated_at, targets.instance_id
 """
 # the unary + keeps SQLite from scanning targets by its status index with json_each inside
 # the loop (measured: 6 s per 1,000 records at 20,000 targets); it takes the records as the
@@ -68,7 +69,7 @@ FROM unnest(%b::bigint[], %b::bigint[], %b::integer[], %b::text[], %b::text[],
             %b::timestamptz[]) AS r(instance_id, customer_id, attempt, outcome, reply, ts)
 WHERE targets.instance_id = r.instance_id AND targets.customer_id = r.customer_id
   AND targets.status IN ('sending', 'unknown') AND targets.attempts <= r.attempt
-RETURNING targets.customer_id, targets.status, targets.updated_at
+RETURNING targets.customer_id, targets.status, targets.updated_at, targets.instance_id
 """
 
 
@@ -97,9 +98,10 @@ def sent_to_targets(conn: Connection, records: list[ComposerSent],
             _PG_UPDATE, tuple(list(col) for col in zip(*rows, strict=True))).all()
     else:
         changed = conn.exec_driver_sql(_SQLITE_UPDATE, (json.dumps(rows),)).all()
+    trials = _trial_instances(conn, {row[3] for row in changed}, cache)
     sent: dict[int, tuple[int, str]] = {}
-    for customer, status, ts in changed:
-        if status != "sent":
+    for customer, status, ts, instance in changed:
+        if status != "sent" or instance in trials:  # a test send is not part of the profile
             continue
         ts = _as_text(dialect, ts)
         n, last = sent.get(customer, (0, ts))
@@ -107,6 +109,19 @@ def sent_to_targets(conn: Connection, records: list[ComposerSent],
     upsert(conn, _stats, ("customer_id", "sent_count", "last_sent_at"),
            [(c, n, last) for c, (n, last) in sent.items()],
            keys=("customer_id",), add=("sent_count",), greatest=("last_sent_at",))
+
+
+def _trial_instances(conn: Connection, instances: set[int], cache: dict[str, Any]) -> set[int]:
+    """Which of `instances` are trial sends (a message of kind "trial"); remembered, since an
+    instance never changes its message."""
+    known: dict[int, bool] = cache.setdefault("trial_instance", {})
+    unknown = [i for i in instances if i not in known]
+    if unknown:
+        found = set(conn.execute(
+            select(MessageInstance.id).join(Message, Message.id == MessageInstance.message_id)
+            .where(MessageInstance.id.in_(unknown), Message.kind == "trial")).scalars())
+        known.update((i, i in found) for i in unknown)
+    return {i for i in instances if known[i]}
 
 
 def _as_text(dialect: str, ts: Any) -> str:
