@@ -20,8 +20,12 @@ What happens once per launch (so not per message):
   text template instead of parsing its rendered HTML again (~10x cheaper per message).
 - render.check() on subject, HTML and text: a template that is refused (sandbox) or invalid
   fails the launch before anyone gets mail.
-- Every distinct http(s) link of the HTML is registered in `links` (message_id, url) in
-  one transaction with the hash (PostgreSQL: the instance row is locked FOR UPDATE first;
+- Links in the text part are tracked too (a customer reading plain text clicks through the
+  tracker like anyone else): every literal http(s) URL of the text template (given, or
+  derived from the HTML) becomes a placeholder, after the HTML's links. A URL that runs into
+  template syntax (`https://x/{{ id }}`, `https://x/[Code]`) is personal and left as written.
+- Every distinct http(s) link of the HTML and the text is registered in `links`
+  (message_id, url) in one transaction with the hash (PostgreSQL: the instance row is locked FOR UPDATE first;
   SQLite: BEGIN IMMEDIATE), so concurrent composers agree on one id per URL.
 """
 
@@ -53,6 +57,10 @@ _PLACEHOLDER = re.compile(r'cdph(\d+)x(?:="")?')
 # private-use characters: no template syntax, escaping or text produces them
 LINK_MARK = "\ue000%d\ue001"
 LINK_MARKS = re.compile("\ue000(\\d+)\ue001")
+# a URL in plain text: up to white space, quotes, brackets or braces; trailing sentence
+# punctuation is not part of it
+_TEXT_URL = re.compile(r"https?://[^\s<>\"'()\[\]{}\ue000\ue001]+", re.I)
+_TRAILING = ".,;:!?"
 
 
 class ContentError(Exception):
@@ -82,6 +90,9 @@ class LaunchContent:
     # True: every tracked href of `html` is a placeholder LINK_MARK % i (i = position), to be
     # replaced per message; False: links are rewritten in each rendered HTML instead
     marked: bool = False
+    # True: the literal URLs of `text` are placeholders LINK_MARK % i too, numbered after the
+    # HTML's links (link_order holds both)
+    text_marked: bool = False
 
 
 def fetch(url: str, timeout: float) -> bytes:
@@ -159,6 +170,23 @@ def _templated(url: str) -> bool:
     return "{{" in url or "{%" in url or "[" in url
 
 
+def mark_text_urls(text: str, first: int) -> tuple[str, list[str]]:
+    """Plain-text template -> (the template with each literal http(s) URL replaced by
+    LINK_MARK % i, i counting from `first`; the URLs in order). URLs followed directly by
+    template syntax ("{" or "[") are personalised and stay as written."""
+    urls: list[str] = []
+
+    def one(m: re.Match[str]) -> str:
+        url = m.group(0).rstrip(_TRAILING)
+        after = text[m.start() + len(url):m.start() + len(url) + 1]
+        if after in ("{", "[") or len(url) < 10:
+            return m.group(0)
+        urls.append(url)
+        return LINK_MARK % (first + len(urls) - 1) + m.group(0)[len(url):]
+
+    return _TEXT_URL.sub(one, text), urls
+
+
 def link_urls(html: str) -> list[str]:
     """The http(s) links of an HTML template, in document order (repeats included)."""
     return render.rewrite_links(html, lambda _i, url: url)[1]
@@ -219,7 +247,10 @@ class ContentStore:
         if "@" not in addr:
             raise ContentError(f"no usable From address ({addr!r})")
         urls = link_urls(html) if html else []
-        links = self._register(instance_id, row.message_id, digest, urls)
+        text_urls: list[str] = []
+        if text is not None:
+            text, text_urls = mark_text_urls(text, len(urls))
+        links = self._register(instance_id, row.message_id, digest, urls + text_urls)
         marked = bool(urls) and not any(_templated(u) for u in urls)
         if marked:
             # the literal links become placeholders once here, so each message only swaps
@@ -230,7 +261,7 @@ class ContentStore:
                       ms=round((time.perf_counter() - t0) * 1000, 1))
         return LaunchContent(instance_id, row.message_id, row.campaign_id, row.name,
                              row.subject, addr, name or None, html, text, digest, links,
-                             [links[u] for u in urls], marked)
+                             [links[u] for u in urls + text_urls], marked, bool(text_urls))
 
     def _register(self, instance_id: int, message_id: int, digest: str,
                   urls: list[str]) -> dict[str, int]:

@@ -12,7 +12,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import select, update
 
-from connectd.content import ContentError, ContentStore, fail_instance, fetch, inline_css
+from connectd.content import (
+    ContentError,
+    ContentStore,
+    fail_instance,
+    fetch,
+    inline_css,
+    mark_text_urls,
+)
 from connectd.db.customer import Content, Link, MessageInstance
 from connectd.db.engine import make_engine
 
@@ -122,9 +129,9 @@ def test_store_loads_registers_links_and_hash(web, engine, migrated_customer_url
     first = ContentStore(engine, 5, "x@example.com").get(seed["instance"])
     assert 'style="color: red;"' in first.html and "friend" in first.text
     assert list(first.links) == ["https://shop.example/a", "https://shop.example/b"]
-    assert first.link_order == [first.links["https://shop.example/a"],
-                                first.links["https://shop.example/b"],
-                                first.links["https://shop.example/a"]]
+    a, b = first.links["https://shop.example/a"], first.links["https://shop.example/b"]
+    # the HTML's three links, then the same three in the text derived from it
+    assert first.link_order == [a, b, a, a, b, a] and first.text_marked
     second = ContentStore(engine, 5, "x@example.com").get(seed["instance"])
     assert second.links == first.links and second.hash == first.hash
     with engine.connect() as conn:
@@ -181,3 +188,29 @@ def test_store_without_any_url(engine, migrated_customer_url, outbound_seed):
         conn.execute(update(Content).values(html_url=None, text_url=None))
     with pytest.raises(ContentError, match="neither html_url nor text_url"):
         ContentStore(engine, 5, "x@example.com").get(seed["instance"])
+
+
+def test_text_urls_are_marked_after_the_html_links() -> None:
+    """Literal URLs of a text template become placeholders numbered after the HTML's links;
+    trailing punctuation stays text; URLs running into template syntax stay as written."""
+    text = ("Sale (https://shop.example/sale). See https://shop.example/a?b=1, "
+            "or https://shop.example/{{ code }} and https://shop.example/[Code]\n")
+    marked, urls = mark_text_urls(text, 2)
+    assert urls == ["https://shop.example/sale", "https://shop.example/a?b=1"]
+    assert marked == ("Sale (\ue0002\ue001). See \ue0003\ue001, "
+                      "or https://shop.example/{{ code }} and https://shop.example/[Code]\n")
+
+
+def test_store_tracks_the_text_parts_links(web, engine, migrated_customer_url, outbound_seed):
+    """A given text part's URLs are registered with the HTML's and marked for tracking."""
+    base, pages = web
+    pages["/links.txt"] = b"Hi, see https://shop.example/t and https://shop.example/a.\n"
+    seed = outbound_seed(migrated_customer_url, 1, html_url=f"{base}/page.html",
+                         text_url=f"{base}/links.txt")
+    got = ContentStore(engine, 5, "x@example.com").get(seed["instance"])
+    assert got.text_marked and "https://" not in got.text
+    assert list(got.links) == ["https://shop.example/a", "https://shop.example/b",
+                               "https://shop.example/t"]
+    # HTML positions 0-2, then the text's two links
+    assert got.link_order[3:] == [got.links["https://shop.example/t"],
+                                  got.links["https://shop.example/a"]]

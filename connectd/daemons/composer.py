@@ -266,13 +266,23 @@ class Composer(Daemon):
             html, _ = render.rewrite_links(html, tracked)
             html = render.add_open_pixel(
                 html, f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}")
+        text = r.text
+        if text is not None and content.text_marked:
+            order = content.link_order
+
+            def text_link(m: re.Match[str]) -> str:
+                nonlocal links
+                links += 1
+                return f"{tracker}/c/{sign_token(key, inst, cust, order[int(m.group(1))], kind='c')}"
+
+            text = LINK_MARKS.sub(text_link, text)
         bounce_domain = self.settings.receiver.domain
         verp = sign_verp(self._verp_key, inst, cust)
         from_domain = content.from_addr.rpartition("@")[2].lower()
         mid = message_id_for(inst, cust, from_domain)
         msg = build_message(
             from_addr=content.from_addr, from_name=content.from_name, to_addr=obj.email,
-            subject=r.subject, html=html, text=r.text, message_id=mid,
+            subject=r.subject, html=html, text=text, message_id=mid,
             return_path=f"b-{verp}@{bounce_domain}",
             list_unsubscribe_mailto=f"unsubscribe-{verp}@{bounce_domain}",
             list_unsubscribe_url=f"{tracker}/u/{sign_token(key, inst, cust, kind='u')}",
