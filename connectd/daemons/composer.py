@@ -52,7 +52,7 @@ from connectd.secrets import load_secrets
 from connectd.settings import Settings
 from connectd.spool import Spool, encode, make_record, now_ts
 
-THROUGHPUT_WINDOW = 30.0  # seconds the heartbeat's messages/s is measured over
+THROUGHPUT_WINDOW = 30.0  # seconds of recent windows the heartbeat's messages/s is measured over
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -85,8 +85,9 @@ class Composer(Daemon):
         self.log = log.get(daemon=self.name, composer=self.composer_name)
         self.batch: Claim | None = None
         self._signers: dict[str, list[DkimSigner]] = {}
-        self._done: collections.deque[tuple[float, int]] = collections.deque()
-        self._started = time.monotonic()
+        # (when the window ended, messages, seconds it took), for the heartbeat's throughput
+        self._done: collections.deque[tuple[float, int, float]] = collections.deque()
+        self._rate = 0.0  # the last rate measured; kept while idle
         self._counts: collections.Counter[str] = collections.Counter()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -153,6 +154,7 @@ class Composer(Daemon):
             self._content_failed(claim, exc.reason)
             return 1
         c = self.settings.composer
+        began = time.monotonic()
         window = batches.mark_window(self.engine, claim.batch_id, self.composer_name, c.window,
                                      c.lease, datetime.now(UTC))
         if not window.owned or not window.objects:
@@ -160,7 +162,8 @@ class Composer(Daemon):
             return 1
         outcomes = self.loop.run_until_complete(self._hand_off(claim, content, window.objects))
         self._journal(claim, content, outcomes)
-        self._done.append((time.monotonic(), len(outcomes)))
+        ended = time.monotonic()
+        self._done.append((ended, len(outcomes), ended - began))
         return len(outcomes)
 
     def _content_failed(self, claim: Claim, reason: str) -> None:
@@ -325,12 +328,18 @@ class Composer(Daemon):
 
     # -- heartbeat ------------------------------------------------------------------------
     def throughput(self) -> float:
-        """Messages per second over the last THROUGHPUT_WINDOW seconds."""
+        """What this composer can do, in messages per second while it works: the messages of
+        the windows of the last THROUGHPUT_WINDOW seconds over the time those windows took
+        (rate-limit waits included). Idle time does not count, so a composer that waited for
+        work is not reported as slow; with no recent window the last figure stands. The
+        manager sizes batches by it and preflight estimates durations by it."""
         now = time.monotonic()
         while self._done and self._done[0][0] < now - THROUGHPUT_WINDOW:
             self._done.popleft()
-        span = min(THROUGHPUT_WINDOW, max(1.0, now - self._started))
-        return sum(n for _, n in self._done) / span
+        busy = sum(t for _, _, t in self._done)
+        if busy > 0:
+            self._rate = sum(n for _, n, _ in self._done) / busy
+        return self._rate
 
     def _heartbeat(self) -> None:
         now = datetime.now(UTC)

@@ -286,3 +286,18 @@ def test_sigkill_mid_batch_and_restart_sends_nobody_twice(tmp_path, content_serv
         assert statuses and all(s in ("sending", "unknown") for s in statuses.values())
     finally:
         ctl.stop()
+
+
+def test_heartbeat_throughput_is_the_working_rate(tree, relay):
+    """The heartbeat's throughput is messages per second of work, not diluted by idle time:
+    after a batch and a pause it still reports what the composer did while busy."""
+    seed_outbound(tree.url, 30, html_url=f"{tree.content_base}/page.html")
+    composer = Composer(tree.settings, instance=1)
+    assert composer.run_until_idle() >= 30
+    busy_rate = composer.throughput()
+    assert busy_rate > 5  # 30 messages to a loopback server take well under 6 s of work
+    time.sleep(1.5)  # idle: wall-clock averaging would now report less
+    assert composer.throughput() == busy_rate
+    composer._heartbeat()
+    (rate,) = tree.query(select(ComposerHeartbeat.throughput))[0]
+    assert rate == pytest.approx(busy_rate)
