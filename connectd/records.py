@@ -38,6 +38,47 @@ class LinkClicked(Record, tag="link.clicked", frozen=True):
     ua: str = ""  # user agent
     ip: str | None = None  # possibly truncated for privacy
     machine: bool = False  # a scanner or pre-fetcher, not a person
+    why: str | None = None  # what made it machine traffic (e.g. "ua:scanner", "head")
+
+
+class MessageOpened(Record, tag="message.opened", frozen=True):
+    """A message's open pixel was fetched (the tracker writes these; `ts` = fetch time)."""
+
+    instance: int
+    customer: int
+    ua: str = ""
+    ip: str | None = None
+    machine: bool = False  # a proxy or scanner fetched it (Apple MPP, image proxies, ...)
+    why: str | None = None
+
+
+class CustomerUnsubscribed(Record, tag="customer.unsubscribed", frozen=True):
+    """A customer asked to stop getting mail: from the message's conversation (`scope`
+    "conversation", the conversation found from `instance` unless given) or from everything
+    ("all"). Written by the tracker (unsubscribe page, RFC 8058 one-click) and the processor
+    (unsubscribe replies)."""
+
+    customer: int
+    instance: int | None = None
+    conversation: int | None = None
+    scope: Literal["conversation", "all"] = "conversation"
+    via: str = ""  # "one-click", "page", "mail", ...
+    ua: str = ""
+    ip: str | None = None
+
+
+class ConversionRecorded(Record, tag="conversion.recorded", frozen=True):
+    """A purchase (or other goal) attributed to the last message the customer clicked
+    (the tracker's conversion call, with the click cookie)."""
+
+    instance: int
+    customer: int
+    link: int | None = None
+    amount: float | None = None
+    currency: str | None = None
+    order: str | None = None  # the shop's order id: conversions are counted once per order
+    ua: str = ""
+    ip: str | None = None
 
 
 class ComposerSent(Record, tag="composer.sent", frozen=True):
