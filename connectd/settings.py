@@ -98,6 +98,11 @@ class TrackerSettings:
     host: str = setting("127.0.0.1", "tracking server listen address")
     port: int = setting(8471, "tracking server HTTP port")
     public_url: str = setting("http://127.0.0.1:8471", "base of click/open/unsubscribe URLs in mail")
+    processes: int = setting(0, "tracker processes sharing the port (0: one per core)")
+    ip_truncate: bool = setting(False, "store IPv4 /24 and IPv6 /48 prefixes instead of full client IPs")
+    link_refresh: float = setting(10.0, "seconds between refreshes of the in-memory link table")
+    cookie_days: int = setting(30, "lifetime of the click cookie conversions are attributed by")
+    cookie_domain: str = setting("", "Domain attribute of the click cookie (empty: the tracker's host)")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ DAEMONS: dict[str, str] = {
     "web": "content server (files under paths.content_root, inline content)",
     "manager": "prepares launched messages into targets and batches; retries; completion",
     "composer": "claims batches, renders, signs and hands mail to the relays (--instance N)",
+    "tracker": "HTTP: click redirects, open pixel, unsubscribe, conversions (never needs the DB)",
 }
 
 
@@ -35,6 +36,9 @@ def _daemon_class(name: str) -> type:
     if name == "composer":
         from connectd.daemons.composer import Composer
         return Composer
+    if name == "tracker":
+        from connectd.daemons.tracker import Tracker
+        return Tracker
     raise KeyError(name)
 
 
