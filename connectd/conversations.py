@@ -582,20 +582,10 @@ def subscribe_import(file: str, conversation: str, status: str, force: bool, bat
     line). Bad rows are reported as `line N: reason` and skipped; good rows are imported.
     Customers who opted out or bounced out keep that status unless --force.
     """
-    engine = cli_engine()
-    source = _open(file)
-    shown = [0]
-    try:
-        summary = import_subscriptions(engine, source, conversation, status, name=file,
-                                       force=force, batch_size=batch_size,
-                                       on_bad=lambda row: _report_bad(row, shown))
-    except ConversationError as exc:
-        raise click.ClickException(f"{file}: {exc}") from None
-    finally:
-        if source is not sys.stdin.buffer:
-            source.close()
-        engine.dispose()
-    log.get().info("subscriptions.imported", **summary.as_dict())
+    summary = _run_import(file, "subscriptions.imported", lambda engine, source, on_bad:
+                          import_subscriptions(engine, source, conversation, status, name=file,
+                                               force=force, batch_size=batch_size,
+                                               on_bad=on_bad))
     if as_json:
         click.echo(orjson.dumps(summary.as_dict()).decode())
         return
@@ -603,6 +593,25 @@ def subscribe_import(file: str, conversation: str, status: str, force: bool, bat
                f"{summary.updated} changed, {summary.unchanged} unchanged, {summary.kept} kept "
                f"(opted out or bounced out), {summary.bad} bad, {summary.duplicates} duplicates "
                f"in {summary.elapsed:.1f} s")
+
+
+def _run_import(file: str, event: str, run: Callable[[Any, Any, Callable[[Any], None]], Any]) -> Any:
+    """Open FILE ('-' = stdin), run one import on a CLI engine with bad rows reported as they
+    come, close everything, log `event` with the summary; a ConversationError is a usage
+    error naming the file."""
+    engine = cli_engine()
+    source = _open(file)
+    shown = [0]
+    try:
+        summary = run(engine, source, lambda row: _report_bad(row, shown))
+    except ConversationError as exc:
+        raise click.ClickException(f"{file}: {exc}") from None
+    finally:
+        if source is not sys.stdin.buffer:
+            source.close()
+        engine.dispose()
+    log.get().info(event, **summary.as_dict())
+    return summary
 
 
 @click.group("suppression")
@@ -621,19 +630,9 @@ def suppression_import(file: str, list_name: str, reason: str | None, as_json: b
     One value per line, or the first field of a CSV. "@example.com" or "example.com" is a
     whole domain; values are stored lower-cased. Bad lines are reported and skipped.
     """
-    engine = cli_engine()
-    source = _open(file)
-    shown = [0]
-    try:
-        summary = import_suppressions(engine, source, list_name, reason, name=file,
-                                      on_bad=lambda row: _report_bad(row, shown))
-    except ConversationError as exc:
-        raise click.ClickException(f"{file}: {exc}") from None
-    finally:
-        if source is not sys.stdin.buffer:
-            source.close()
-        engine.dispose()
-    log.get().info("suppressions.imported", **summary.as_dict())
+    summary = _run_import(file, "suppressions.imported", lambda engine, source, on_bad:
+                          import_suppressions(engine, source, list_name, reason, name=file,
+                                              on_bad=on_bad))
     if as_json:
         click.echo(orjson.dumps(summary.as_dict()).decode())
         return
