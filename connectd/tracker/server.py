@@ -23,6 +23,7 @@ HTTP/1.1 itself, with what it needs and nothing more:
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 import time
@@ -280,6 +281,7 @@ class Worker:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         sock = listen_socket(self.settings.tracker.host, self.port)
         server = await loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=2048)
+        gc.freeze()  # our set-up's objects live as long as we do: out of the collector's way
         self.log.info("listening", port=self.port, stream=stream_name(self.number),
                       links=len(self.links))
         self._beat()
