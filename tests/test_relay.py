@@ -295,3 +295,229 @@ def test_starttls_required_but_not_offered(farm):
 def test_dot_stuff(raw, stuffed):
     """Lines starting with a dot get another; the data ends with CRLF."""
     assert dot_stuff(raw) == stuffed
+
+
+# --- pipelining across messages (RFC 2920) -------------------------------------------------
+
+def test_next_message_rides_behind_the_final_dot():
+    """With two messages queued on one session, the second's MAIL, RCPT, DATA are written
+    with the first's data and "." (one write), and both are sent."""
+    chunks: list[bytes] = []
+
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        await reader.readline()  # EHLO
+        writer.write(b"250-x\r\n250 PIPELINING\r\n")
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        chunks.append(await reader.readuntil(b"\r\n.\r\nMAIL"))
+        chunks.append(await reader.readuntil(b"DATA\r\n"))
+        writer.write(b"250 queued as ONE\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"250 queued as TWO\r\n")
+        await reader.readline()  # QUIT
+        writer.write(b"221 bye\r\n")
+        writer.close()
+
+    async def go() -> list[Reply]:
+        srv = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        pool = RelayPool([f"127.0.0.1:{port}"], 1, starttls="off", timeout=5)
+        replies = await asyncio.gather(pool.send("s@x.example", "a@y.example", MSG),
+                                       pool.send("s@x.example", "b@y.example", MSG))
+        await pool.close()
+        srv.close()
+        return list(replies)
+
+    replies = asyncio.run(go())
+    assert [(r.outcome, r.queue_id) for r in replies] == [("sent", "ONE"), ("sent", "TWO")]
+    assert chunks[1] == b" FROM:<s@x.example>\r\nRCPT TO:<b@y.example>\r\nDATA\r\n"
+
+
+def test_drop_after_data_retries_the_message_queued_behind(farm):
+    """Lost after the data with the next message's commands written behind it: the first is
+    unknown; the second, never answered, goes again on a fresh session and is sent once."""
+    handler, port = farm
+    replies = _send_all(RelayPool([f"127.0.0.1:{port}"], 1),
+                        ["dropdata@example.com", "after@example.com", "third@example.com"])
+    assert [r.outcome for r in replies] == ["unknown", "sent", "sent"]
+    assert [m[1] for m in handler.messages] == [["after@example.com"], ["third@example.com"]]
+
+
+async def _scripted(replies_after_data: bytes, port_box: list[int]) -> asyncio.Server:
+    """A relay that takes one message, then answers `replies_after_data` to the "." and the
+    commands pipelined behind it, and closes."""
+    async def server(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 hi\r\n")
+        await reader.readline()
+        writer.write(b"250-x\r\n250 PIPELINING\r\n")
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        await reader.readuntil(b"DATA\r\n")
+        writer.write(replies_after_data)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(server, "127.0.0.1", 0)
+    port_box.append(srv.sockets[0].getsockname()[1])
+    return srv
+
+
+def test_drop_after_the_next_mail_was_answered_is_deferred():
+    """The first message's reply and the next one's MAIL reply arrive, then the connection
+    ends: the first is sent, the second deferred (its data never went), not resent."""
+    async def go() -> list[Reply]:
+        box: list[int] = []
+        srv = await _scripted(b"250 queued as ONE\r\n250 ok\r\n", box)
+        pool = RelayPool([f"127.0.0.1:{box[0]}"], 1, starttls="off", timeout=5)
+        replies = await asyncio.gather(pool.send("s@x.example", "a@y.example", MSG),
+                                       pool.send("s@x.example", "b@y.example", MSG))
+        await pool.close()
+        srv.close()
+        return list(replies)
+
+    first, second = asyncio.run(go())
+    assert (first.outcome, first.queue_id) == ("sent", "ONE")
+    assert second.outcome == "deferred" and "before the message data" in second.text
+
+
+def test_unsolicited_421_ends_the_session(farm):
+    """A 421 while idle (the relay's idle timeout) closes the session; the next message
+    opens a new one and is sent."""
+    handler, port = farm
+
+    async def go() -> list[Reply]:
+        pool = RelayPool([f"127.0.0.1:{port}"], 1)
+        first = await pool.send("s@x.example", "a@example.com", MSG)
+        conn = pool._conns[0]
+        assert conn.proto is not None
+        conn.proto.data_received(b"421 4.4.2 idle timeout\r\n")
+        second = await pool.send("s@x.example", "b@example.com", MSG)
+        await pool.close()
+        return [first, second]
+
+    replies = asyncio.run(go())
+    assert [r.outcome for r in replies] == ["sent", "sent"] and handler.sessions == 2
+
+
+# --- CHUNKING / BDAT (RFC 3030): aiosmtpd has none, so a small server of our own ------------
+
+class BdatFarm:
+    """Offers PIPELINING and CHUNKING; answers by recipient local part as Farm does, plus
+    dropbdat@ (closes after reading the chunk, before its reply). Records each message's
+    raw chunk and every command line."""
+
+    def __init__(self, chunking: bool = True) -> None:
+        self.chunking = chunking
+        self.sessions = 0
+        self.commands: list[bytes] = []
+        self.messages: list[tuple[str, bytes]] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions += 1
+        writer.write(b"220 bdat ESMTP\r\n")
+        rcpt = b""
+        ok = False
+        try:
+            while line := await reader.readline():
+                cmd = line.rstrip(b"\r\n")
+                self.commands.append(cmd)
+                verb = cmd.split(b" ", 1)[0].upper()
+                if verb == b"EHLO":
+                    ext = b"250-PIPELINING\r\n" + (b"250-CHUNKING\r\n" if self.chunking else b"")
+                    writer.write(b"250-bdat\r\n" + ext + b"250 8BITMIME\r\n")
+                elif verb in (b"RSET", b"MAIL"):
+                    rcpt, ok = b"", False
+                    writer.write(b"250 ok\r\n")
+                elif verb == b"RCPT":
+                    rcpt = cmd.split(b"<", 1)[1].split(b"@", 1)[0]
+                    ok = rcpt not in (b"defer", b"reject")
+                    writer.write({b"defer": b"451 4.7.1 later\r\n",
+                                  b"reject": b"550 5.1.1 no\r\n"}.get(rcpt, b"250 ok\r\n"))
+                elif verb == b"BDAT":
+                    n = int(cmd.split()[1])
+                    chunk = await reader.readexactly(n)
+                    if rcpt == b"dropbdat":
+                        writer.close()
+                        return
+                    if not ok:
+                        writer.write(b"554 5.5.1 no valid recipients\r\n")
+                        continue
+                    self.messages.append((rcpt.decode(), chunk))
+                    writer.write(b"250 2.0.0 queued as B%d\r\n" % len(self.messages))
+                elif verb == b"DATA":
+                    writer.write(b"354 go\r\n")
+                    body = await reader.readuntil(b"\r\n.\r\n")
+                    self.messages.append((rcpt.decode(), body))
+                    writer.write(b"250 2.0.0 queued as D%d\r\n" % len(self.messages))
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"500 what\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+
+
+def _bdat_send(farm: BdatFarm, rcpts: list[str], data: bytes = MSG, **kw) -> list[Reply]:
+    async def go() -> list[Reply]:
+        srv = await asyncio.start_server(farm.serve, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        pool = RelayPool([f"127.0.0.1:{port}"], 1, starttls="off", timeout=5, **kw)
+        try:
+            return list(await asyncio.gather(*(pool.send("s@x.example", r, data)
+                                               for r in rcpts)))
+        finally:
+            await pool.close()
+            srv.close()
+    return asyncio.run(go())
+
+
+def test_bdat_when_chunking_is_offered():
+    """CHUNKING offered: each message goes as one BDAT LAST chunk, bytes as given (no
+    dot-stuffing, no "."), all on one session; no DATA command."""
+    farm = BdatFarm()
+    replies = _bdat_send(farm, ["a@example.com", "b@example.com", "c@example.com"])
+    assert [(r.outcome, r.queue_id) for r in replies] == [
+        ("sent", "B1"), ("sent", "B2"), ("sent", "B3")]
+    assert [m for m in farm.messages] == [("a", MSG), ("b", MSG), ("c", MSG)]
+    assert f"BDAT {len(MSG)} LAST".encode() in farm.commands
+    assert not any(c.startswith(b"DATA") for c in farm.commands) and farm.sessions == 1
+
+
+def test_bdat_refusals_map_to_outcomes_and_keep_the_session():
+    """With BDAT: 5xx at RCPT failed, 4xx deferred, and the next messages on the same
+    session are sent."""
+    farm = BdatFarm()
+    replies = _bdat_send(farm, ["reject@example.com", "a@example.com", "defer@example.com",
+                                "b@example.com"])
+    assert [(r.outcome, r.code) for r in replies] == [
+        ("failed", 550), ("sent", 250), ("deferred", 451), ("sent", 250)]
+    assert [m[0] for m in farm.messages] == ["a", "b"] and farm.sessions == 1
+
+
+def test_bdat_lost_after_the_chunk_is_unknown():
+    """The relay closes after reading a chunk, before its reply: unknown, never resent; a
+    message whose chunk went behind it on the same session is unknown too (it may have
+    been read), one not yet written goes on a new session."""
+    farm = BdatFarm()
+    replies = _bdat_send(farm, ["dropbdat@example.com", "next@example.com"], depth=2)
+    assert [r.outcome for r in replies] == ["unknown", "unknown"]
+    assert "after the message data" in replies[0].text
+    farm = BdatFarm()
+    replies = _bdat_send(farm, ["dropbdat@example.com", "next@example.com"], depth=1)
+    assert [r.outcome for r in replies] == ["unknown", "sent"]
+    assert farm.messages == [("next", MSG)] and farm.sessions == 2
+
+
+def test_data_when_chunking_is_not_offered_or_disabled():
+    """Without CHUNKING in EHLO, or with chunking=False, the DATA path is used."""
+    farm = BdatFarm(chunking=False)
+    replies = _bdat_send(farm, ["a@example.com", "b@example.com"])
+    assert [r.queue_id for r in replies] == ["D1", "D2"]
+    farm = BdatFarm()
+    replies = _bdat_send(farm, ["a@example.com"], chunking=False)
+    assert replies[0].queue_id == "D1" and not any(c.startswith(b"BDAT") for c in farm.commands)
