@@ -495,3 +495,20 @@ def test_sigkill_under_load_loses_no_answered_hit(own_tracker: Tracker) -> None:
         assert recorded[kind] >= n, (kind, recorded[kind], n)
     t.start()
     assert t.request("GET", "/c/" + t.token(t.instance, 1, 1, kind="c"))[0] == 302
+
+
+def test_ready_once_every_worker_listens(own_tracker: Tracker,
+                                         notify_socket: tuple[Any, str]) -> None:
+    """Under systemd the parent says READY=1 once, when both workers already answer."""
+    sock, path = notify_socket
+    t = own_tracker
+    env = {k: v for k, v in os.environ.items() if k != "CONNECTD_CONFIG"}
+    env["NOTIFY_SOCKET"] = path
+    t.proc = subprocess.Popen([sys.executable, "-m", "connectd", "--config", str(t.config),
+                               "run", "tracker"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    message = b""
+    while b"READY=1" not in message:
+        message = sock.recv(4096)
+    answers = Counter(t.request("GET", "/healthz")[0] for _ in range(8))
+    assert answers == Counter({200: 8})
