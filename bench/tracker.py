@@ -324,6 +324,10 @@ def main() -> None:
         sys.exit(2)
     log.configure("warning", "console")
     os.environ.pop("CONNECTD_CONFIG", None)
+    load = os.getloadavg()[0]
+    if load > 1.0:
+        print(f"warning: load average {load:.1f} before the start: other processes share the "
+              "cores, the figures (p99 above all) will be noisy", flush=True)
     print(f"tracker vs nginx: wrk -c{args.connections} --latency, {args.duration:g} s each, "
           f"{os.cpu_count()} cores (wrk shares them)", flush=True)
     with tempfile.TemporaryDirectory(prefix="connectd-bench-tracker-") as tmp:
@@ -340,7 +344,7 @@ def main() -> None:
     print(f"answered {ours['answered_total']:,}  recorded {ours['recorded']:,}  "
           f"lost {ours['lost']}  non-3xx {ours['non_2xx_3xx']}  socket errors "
           f"{ours['socket_errors']}", flush=True)
-    result = {"bench": "tracker", "nginx": nginx, "tracker": ours, "ratio": round(ratio, 3),
+    result = {"bench": "tracker", "loadavg_before": round(load, 2), "nginx": nginx, "tracker": ours, "ratio": round(ratio, 3),
               "target_met": ratio >= TARGET_RATIO and (ours["p99_ms"] or 1e9) < TARGET_P99_MS
               and ours["lost"] == 0 and ours["non_2xx_3xx"] == 0}
     print(json.dumps(result))

@@ -18,6 +18,11 @@ HTTP/1.1 itself, with what it needs and nothing more:
 - `Expect: 100-continue` answered; idle connections closed after KEEPALIVE seconds, requests
   that take longer than REQUEST_TIMEOUT to arrive closed (slow-loris);
 - write back-pressure: a client that does not read its responses stops being read from.
+
+bench/tracker.py on a quiet machine (same wrk Lua client for both, 2 workers, durability
+"group"): nginx 84,002 req/s, tracker 27,529 req/s (ratio 0.33), tracker p99 9.6 ms, every
+answered click in the streams. A click costs ~17 us in the app (token check 7.5, cookie
+signature 4.6, record 4.4, the write 1-4) on top of the HTTP and event-loop work.
 """
 
 from __future__ import annotations
