@@ -103,6 +103,8 @@ class TrackerSettings:
     link_refresh: float = setting(10.0, "seconds between refreshes of the in-memory link table")
     cookie_days: int = setting(30, "lifetime of the click cookie conversions are attributed by")
     cookie_domain: str = setting("", "Domain attribute of the click cookie (empty: the tracker's host)")
+    trusted_proxies: tuple[str, ...] = setting(
+        (), "load balancers (addresses or CIDRs) whose X-Forwarded-For names the real client")
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,14 @@ def _check_ranges(section: str, obj: Any) -> None:
     if section == "manager" and obj.batch_max < obj.batch_min:
         raise SettingsError("manager.batch_max: must be at least manager.batch_min",
                             key="manager.batch_max")
+    if section == "tracker":
+        import ipaddress
+        for entry in obj.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise SettingsError(f"tracker.trusted_proxies: {entry!r} is not an IP address "
+                                    "or CIDR", key="tracker.trusted_proxies") from None
     if section == "relay" and not obj.hosts:
         raise SettingsError("relay.hosts: name at least one relay as host:port", key="relay.hosts")
 

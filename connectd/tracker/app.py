@@ -115,6 +115,7 @@ class Request:
     body: bytes = b""
     keep_alive: bool = True
     http10: bool = False
+    forwarded_for: bytes = b""  # X-Forwarded-For, believed only from tracker.trusted_proxies
 
 
 class _Date:
@@ -166,6 +167,45 @@ def response(status: int, headers: bytes = b"", body: bytes = b"", *, keep_alive
 
 
 @lru_cache(maxsize=65536)
+def proxy_networks(entries: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """tracker.trusted_proxies as networks (a bare address is a /32 or /128); ValueError
+    names a bad entry."""
+    nets = []
+    for entry in entries:
+        try:
+            nets.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"tracker.trusted_proxies: {entry!r} is not an address or CIDR") from None
+    return tuple(nets)
+
+
+def client_ip(peer: str, forwarded_for: bytes, proxies: tuple[Any, ...]) -> str:
+    """The client's address behind trusted proxies: walking X-Forwarded-For from the right
+    (the hop our own proxy added last), the first address that is not a trusted proxy. The
+    peer itself must be trusted, otherwise anyone could claim any address; a malformed entry
+    stops the walk there (the last trusted hop's view is kept)."""
+    def trusted(addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in proxies)
+
+    if not trusted(peer):
+        return peer
+    current = peer
+    for hop in reversed(forwarded_for.decode("latin-1").split(",")):
+        hop = hop.strip()
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return current
+        current = hop
+        if not trusted(hop):
+            return hop
+    return current
+
+
 def truncate_ip(ip: str) -> str:
     """An IPv4 address's /24 or an IPv6 address's /48 network address (privacy); text that is
     not an IP address comes back as it is."""
@@ -226,6 +266,7 @@ class TrackerApp:
         self.links = links
         self.writer = writer
         self.metrics = metrics
+        self._proxies = proxy_networks(settings.trusted_proxies)
         self.log = log.get(daemon="tracker")
         self.cookie_max_age = settings.cookie_days * 86400
         attrs = f"; Max-Age={self.cookie_max_age}; Path=/"
@@ -282,6 +323,8 @@ class TrackerApp:
 
     def _client(self, req: Request, ip: str | None) -> tuple[str, str | None]:
         ua = req.ua.decode("utf-8", "replace")[:MAX_UA] if req.ua else ""
+        if req.forwarded_for and ip and self._proxies:
+            ip = client_ip(ip, req.forwarded_for, self._proxies)
         stored = truncate_ip(ip) if ip and self.settings.ip_truncate else ip
         return ua, stored
 

@@ -108,6 +108,7 @@ class HttpProtocol(asyncio.Protocol):
         self.ua = b""
         self.cookie = b""
         self.ctype = b""
+        self.xff = b""
         self.body = b""
         self.hsize = 0
         self.expect = False
@@ -153,6 +154,8 @@ class HttpProtocol(asyncio.Protocol):
             self.cookie = value if not self.cookie else self.cookie + b"; " + value
         elif n == b"content-type":
             self.ctype = value
+        elif n == b"x-forwarded-for":
+            self.xff = value if not self.xff else self.xff + b", " + value
         elif n == b"expect":
             self.expect = value.lower() == b"100-continue"
 
@@ -179,7 +182,7 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.append(Request(parser.get_method().decode("ascii", "replace"), path, query,
                                   self.ua, self.cookie, self.ctype, self.body,
                                   parser.should_keep_alive(),
-                                  parser.get_http_version() == "1.0"))
+                                  parser.get_http_version() == "1.0", self.xff))
         self.began = 0.0
 
     # -- data -----------------------------------------------------------------------------

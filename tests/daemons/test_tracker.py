@@ -512,3 +512,24 @@ def test_ready_once_every_worker_listens(own_tracker: Tracker,
         message = sock.recv(4096)
     answers = Counter(t.request("GET", "/healthz")[0] for _ in range(8))
     assert answers == Counter({200: 8})
+
+
+def test_forwarded_for_only_from_trusted_proxies(tmp_path: Path) -> None:
+    """Behind a trusted balancer (here: loopback) the recorded IP is X-Forwarded-For's client,
+    truncated when ip_truncate is on; without trusted_proxies the header is ignored."""
+    t = make_tracker(tmp_path / "a", 'trusted_proxies = ["127.0.0.0/8"]\nip_truncate = true\n')
+    plain = make_tracker(tmp_path / "b")
+    try:
+        t.start()
+        plain.start()
+        for tr in (t, plain):
+            status, _, _ = tr.request("GET", "/c/" + tr.token(tr.instance, 2, 1, kind="c"),
+                                      headers={"X-Forwarded-For": "1.2.3.4, 203.0.113.77"})
+            assert status == 302
+        (got,) = [r["ip"] for r in t.records() if r["type"] == "link.clicked"]
+        assert got == "203.0.113.0"  # the right-most untrusted hop, then /24
+        (got,) = [r["ip"] for r in plain.records() if r["type"] == "link.clicked"]
+        assert got == "127.0.0.1"
+    finally:
+        t.stop()
+        plain.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from connectd.tracker.app import parse_cookie, truncate_ip
+from connectd.tracker.app import client_ip, parse_cookie, proxy_networks, truncate_ip
 from connectd.tracker.links import clean_url
 from connectd.tracker.metrics import Metrics, shared_memory
 
@@ -58,3 +58,25 @@ def test_metrics_sum_over_workers() -> None:
     assert 'tracker_stream_append_seconds_bucket{le="2.5e-05"} 1' in text
     assert 'tracker_stream_append_seconds_bucket{le="+Inf"} 2' in text
     assert one.requests("click", 302) == 2
+
+
+def test_client_ip_behind_trusted_proxies() -> None:
+    """X-Forwarded-For is believed only from a trusted peer, walked from the right past every
+    trusted hop; a spoofed left-most entry is never taken."""
+    proxies = proxy_networks(("10.0.0.0/8", "192.0.2.7"))
+    assert client_ip("10.1.2.3", b"203.0.113.9", proxies) == "203.0.113.9"
+    # the client claimed 1.2.3.4 itself; our balancers appended the real address after it
+    assert client_ip("10.1.2.3", b"1.2.3.4, 203.0.113.9, 192.0.2.7", proxies) == "203.0.113.9"
+    assert client_ip("198.51.100.1", b"203.0.113.9", proxies) == "198.51.100.1"  # untrusted peer
+    assert client_ip("10.1.2.3", b"garbage", proxies) == "10.1.2.3"
+    assert client_ip("10.1.2.3", b"2001:db8::1", proxies) == "2001:db8::1"
+
+
+def test_bad_trusted_proxy_is_a_settings_error(tmp_path) -> None:
+    """A trusted_proxies entry that is no address stops start-up naming the key."""
+    from connectd import settings
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[tracker]\ntrusted_proxies = ["10.0.0.0/8", "lb.example"]\n')
+    with pytest.raises(settings.SettingsError, match="lb.example"):
+        settings.load(cfg, environ={})
