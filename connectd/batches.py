@@ -21,11 +21,13 @@ Exactly once rests on two statements here (contract of issue 3):
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, case, func, or_, select, update
+import orjson
+from sqlalchemy import Engine, Text, and_, bindparam, case, cast, func, or_, select, update
 
 from connectd.db.customer import Customer, MailBatch, MessageInstance, Segment, Target
 from connectd.db.engine import writer
@@ -99,18 +101,43 @@ def claim(engine: Engine, name: str, lease: float, now: datetime) -> Claim | Non
     return Claim(row.id, row.instance_id, row.size, row.attempts + 1, unknown or 0)
 
 
-def _renew_stmt(batch_id: int, name: str, lease: float, now: datetime) -> Any:
-    executing = select(_I.c.id).where(_I.c.status == "executing")
-    return (update(_B)
-            .where(_B.c.id == batch_id, _B.c.status == "claimed", _B.c.claimed_by == name,
-                   _B.c.instance_id.in_(executing))
-            .values(lease_expires_at=now + timedelta(seconds=lease)))
+# The statements of the window path, built once with bound parameters: building and
+# cache-keying them per call cost more than SQLite running them (~5 us per message).
+_RENEW = (update(_B)
+          .where(_B.c.id == bindparam("b_id"), _B.c.status == "claimed",
+                 _B.c.claimed_by == bindparam("b_name"),
+                 _B.c.instance_id.in_(select(_I.c.id).where(_I.c.status == "executing")))
+          .values(lease_expires_at=bindparam("b_expires")))
+_NEXT_IDS = (select(_T.c.id)
+             .where(_T.c.batch_id == bindparam("b_id"), _T.c.status == "batched")
+             .order_by(_T.c.id).limit(bindparam("b_size")))
+_WINDOW = (update(_T)
+           .where(_T.c.batch_id == bindparam("b_id"), _T.c.status == "batched",
+                  _T.c.id.in_(_NEXT_IDS.scalar_subquery()),
+                  select(_B.c.id).where(_B.c.id == bindparam("b_id"),
+                                        _B.c.status == "claimed",
+                                        _B.c.claimed_by == bindparam("b_name")).exists())
+           .values(status="sending", attempts=_T.c.attempts + 1,
+                   updated_at=bindparam("b_now"))
+           .returning(_T.c.id))
+# attributes as the stored JSON text, decoded by orjson: ~3x faster than the JSON type's
+# json.loads per row (PostgreSQL's jsonb cast to text is JSON text as well)
+_LOAD = (select(_T.c.id, _T.c.customer_id, _T.c.segment_id, _T.c.attempts, _C.c.email,
+                cast(_C.c.attributes, Text), _S.c.name)
+         .select_from(_T.join(_C, _C.c.id == _T.c.customer_id)
+                      .outerjoin(_S, _S.c.id == _T.c.segment_id))
+         .where(_T.c.id.in_(bindparam("b_ids", expanding=True)))
+         .order_by(_T.c.id))
+
+
+def _renew_params(batch_id: int, name: str, lease: float, now: datetime) -> dict[str, Any]:
+    return {"b_id": batch_id, "b_name": name, "b_expires": now + timedelta(seconds=lease)}
 
 
 def renew(engine: Engine, batch_id: int, name: str, lease: float, now: datetime) -> bool:
     """Extend the lease; False when the batch is no longer ours or its instance stopped."""
     with writer(engine).begin() as conn:
-        return conn.execute(_renew_stmt(batch_id, name, lease, now)).rowcount == 1
+        return conn.execute(_RENEW, _renew_params(batch_id, name, lease, now)).rowcount == 1
 
 
 def mark_window(engine: Engine, batch_id: int, name: str, size: int, lease: float,
@@ -120,18 +147,10 @@ def mark_window(engine: Engine, batch_id: int, name: str, size: int, lease: floa
     with writer(engine).begin() as conn:
         # First statement: on PostgreSQL it locks the batch row until commit, so no claimer
         # can take the batch over between our renewal and our window update.
-        if conn.execute(_renew_stmt(batch_id, name, lease, now)).rowcount != 1:
+        if conn.execute(_RENEW, _renew_params(batch_id, name, lease, now)).rowcount != 1:
             return Window(False, [])
-        next_ids = (select(_T.c.id).where(_T.c.batch_id == batch_id, _T.c.status == "batched")
-                    .order_by(_T.c.id).limit(size))
-        owner = select(_B.c.id).where(_B.c.id == batch_id, _B.c.status == "claimed",
-                                      _B.c.claimed_by == name).exists()
-        changed = conn.execute(
-            update(_T)
-            .where(_T.c.batch_id == batch_id, _T.c.status == "batched",
-                   _T.c.id.in_(next_ids.scalar_subquery()), owner)
-            .values(status="sending", attempts=_T.c.attempts + 1, updated_at=now)
-            .returning(_T.c.id)).scalars().all()
+        changed = conn.execute(_WINDOW, {"b_id": batch_id, "b_name": name, "b_size": size,
+                                         "b_now": now}).scalars().all()
         if not changed:
             return Window(True, [])
         return Window(True, _load(conn, list(changed)))
@@ -139,14 +158,18 @@ def mark_window(engine: Engine, batch_id: int, name: str, size: int, lease: floa
 
 def _load(conn: Any, target_ids: list[int]) -> list[MailObject]:
     """The mail objects of these targets: one query joining targets, customers, segments."""
-    rows = conn.execute(
-        select(_T.c.id, _T.c.customer_id, _T.c.segment_id, _T.c.attempts, _C.c.email,
-               _C.c.attributes, _S.c.name)
-        .select_from(_T.join(_C, _C.c.id == _T.c.customer_id)
-                     .outerjoin(_S, _S.c.id == _T.c.segment_id))
-        .where(_T.c.id.in_(target_ids))
-        .order_by(_T.c.id)).all()
-    return [MailObject(r[0], r[1], r[4], r[5] or {}, r[2], r[6], r[3]) for r in rows]
+    return [MailObject(r[0], r[1], r[4], _attributes(r[5]), r[2], r[6], r[3])
+            for r in conn.execute(_LOAD, {"b_ids": target_ids})]
+
+
+def _attributes(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        return orjson.loads(text) or {}
+    except orjson.JSONDecodeError:
+        # what the stdlib wrote and orjson refuses (NaN, Infinity): decode as it was written
+        return json.loads(text) or {}
 
 
 def load_mail_objects(engine: Engine, target_ids: list[int]) -> list[MailObject]:

@@ -163,3 +163,23 @@ def test_two_claimers_never_hand_off_the_same_target(migrated_customer_url, outb
     # handed-off targets are "sending" or (after a takeover) "unknown"; none left behind
     assert statuses["batched"] == 0
     assert statuses["sending"] + statuses["unknown"] == len(seed["targets"]) == len(handed)
+
+
+def test_mail_objects_carry_attributes_as_stored(engine, migrated_customer_url, outbound_seed,
+                                                 db_backend):
+    """Attributes come back equal to what was stored: nested, non-ASCII, null; on SQLite
+    also NaN, which the standard library writes and orjson alone would refuse."""
+    attrs = {1: {"name": "Zoë ✓", "n": 1.5, "tags": ["a", {"b": None}]}, 2: {}, 3: None}
+    seed = outbound_seed(migrated_customer_url, 3,
+                         attributes=lambda i: attrs[i] if attrs[i] is not None else {})
+    with engine.begin() as conn:
+        if db_backend == "sqlite":
+            conn.exec_driver_sql("UPDATE customers SET attributes = 'null' WHERE id = 3")
+            conn.exec_driver_sql(
+                "UPDATE customers SET attributes = '{\"x\": NaN}' WHERE id = 2")
+    objs = batches.load_mail_objects(engine, seed["targets"])
+    assert objs[0].attributes == attrs[1]
+    assert objs[2].attributes == {}
+    if db_backend == "sqlite":
+        nan = objs[1].attributes["x"]
+        assert list(objs[1].attributes) == ["x"] and nan != nan  # NaN
