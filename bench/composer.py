@@ -14,7 +14,8 @@ Figures: messages/s (wall clock of run_until_idle, claims and content fetch incl
 composer CPU time per message (process time, threads included), the floor per message
 measured here (one sandboxed Jinja2 render of the page + one RSA-2048 PKCS#1 v1.5 signature
 of a SHA-256 digest via cryptography) and their ratio, and RSS after the first window and at
-the end. Targets (issue 3): >= 1000/s with DKIM, >= 2000/s without, CPU ratio <= 2.0, flat
+the end; then the relay client alone (connectd.relay, 5,000 pre-built 16 KB messages to the
+same sink, 100 in flight): CPU per message and messages/s, the hand-off's share. Targets (issue 3): >= 1000/s with DKIM, >= 2000/s without, CPU ratio <= 2.0, flat
 memory. Prints the figures, then one line of JSON.
 
 What competes for the CPU: the composer runs in this process (the content server's thread is
@@ -58,6 +59,7 @@ from connectd.db.engine import make_engine  # noqa: E402
 from connectd.secrets import create_secrets  # noqa: E402
 
 BATCH = 1000
+RELAY_ALONE = 5000  # messages of the relay-alone figure
 FROM_DOMAIN = "shop.example"
 
 
@@ -180,6 +182,36 @@ def count_outcomes(st: settings_mod.Settings) -> dict[str, int]:
     return counts
 
 
+def relay_alone(port: int, connections: int, size: int, n: int = 5000) -> tuple[float, float]:
+    """(CPU us per message, messages/s) of the relay client alone: `n` pre-built messages of
+    `size` bytes to the same smtp-sink, 100 in flight as the composer's windows are."""
+    import asyncio
+
+    import uvloop
+
+    from connectd.relay import RelayPool
+
+    msg = b"From: a@shop.example\r\nSubject: x\r\n\r\n" + (b"x" * 76 + b"\r\n") * (size // 78)
+
+    async def go() -> tuple[float, float]:
+        pool = RelayPool([f"127.0.0.1:{port}"], connections, "off", 30)
+        await pool.send("b-1@shop.example", "r@x.example", msg)  # sessions open
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        for w in range(n // 100):
+            tasks = []
+            for i in range(100):
+                tasks.append(asyncio.ensure_future(
+                    pool.send("b-1@shop.example", f"c{w}.{i}@x.example", msg)))
+                await asyncio.sleep(0)
+            for t in tasks:
+                await t
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
+        await pool.close()
+        return cpu / n * 1e6, n / wall
+
+    return uvloop.run(go())
+
+
 def floor_us(html: str, n: int = 2000) -> tuple[float, float]:
     """(render us, sign us): one sandboxed Jinja2 render of the page, one RSA-2048 signature
     of a SHA-256 digest."""
@@ -223,6 +255,7 @@ def main() -> None:
                 # run_until_idle also counts batch ends as items: count the hand-offs instead
                 r["messages"] = sum(r["outcomes"].values())
                 results[label] = r
+        relay_us, relay_rate = relay_alone(port, args.connections, 16384, RELAY_ALONE)
     finally:
         sink.terminate()
         sink.wait(timeout=10)
@@ -235,7 +268,9 @@ def main() -> None:
     n = args.customers
     summary = {"customers": n, "connections": args.connections,
                "floor_render_us": round(render_us, 1), "floor_sign_us": round(sign_us, 1),
-               "sink_received": int(received[-1]) if received else None}
+               # the composers' messages: less the relay-alone run's (n + 1 to open sessions)
+               "sink_received": int(received[-1]) - RELAY_ALONE - 1 if received else None,
+               "relay_alone_us": round(relay_us, 1), "relay_alone_msgs_per_s": round(relay_rate)}
     print(f"composer -> smtp-sink, {n} customers, 8 KB HTML, 10 tracked links, "
           f"{args.connections} connections, one process")
     print(f"  floor per message: render {render_us:.0f} us + RSA-2048 sign {sign_us:.0f} us "
@@ -258,6 +293,8 @@ def main() -> None:
                           "rss_end_kb": r["rss_end_kb"], "rss_growth_kb": growth,
                           "messages": r["messages"], "outcomes": r["outcomes"],
                           "target_met": ok}
+    print(f"  relay client alone (16 KB pre-built messages, 100 in flight, same sink): "
+          f"{relay_us:.0f} us/msg CPU, {relay_rate:.0f} msgs/s")
     print(f"  peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB;"
           f" smtp-sink counted {summary['sink_received']} messages")
     print(json.dumps(summary))
