@@ -552,10 +552,15 @@ class RelayPool:
 
     async def send(self, sender: str, recipient: str, data: bytes) -> Reply:
         """Hand one message to a relay; never raises for relay trouble (see the Reply)."""
+        return await self.submit(sender, recipient, data)
+
+    def submit(self, sender: str, recipient: str, data: bytes) -> asyncio.Future[Reply]:
+        """send() without a task: queue the message (written at once if a session has
+        room) and return the future of its Reply. The loop must run for replies to come."""
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._jobs.append(_Job(sender, recipient, data, fut))
         self._kick()
-        return await fut
+        return fut
 
     def _kick(self) -> None:
         """Queued messages to open sessions with room; open more sessions while some wait."""

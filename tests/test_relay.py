@@ -521,3 +521,26 @@ def test_data_when_chunking_is_not_offered_or_disabled():
     farm = BdatFarm()
     replies = _bdat_send(farm, ["a@example.com"], chunking=False)
     assert replies[0].queue_id == "D1" and not any(c.startswith(b"BDAT") for c in farm.commands)
+
+
+def test_submit_returns_the_reply_future_without_a_task(farm):
+    """submit() queues at once and returns a future per message; with the loop yielding
+    only now and then, all are sent in order on the pool's sessions."""
+    handler, port = farm
+
+    async def go() -> list[Reply]:
+        pool = RelayPool([f"127.0.0.1:{port}"], 2)
+        futs = []
+        for i in range(12):
+            futs.append(pool.submit("s@x.example", f"r{i}@example.com", MSG))
+            if i % 4 == 3:
+                await asyncio.sleep(0)
+        assert all(isinstance(f, asyncio.Future) for f in futs)
+        replies = [await f for f in futs]
+        await pool.close()
+        return replies
+
+    replies = asyncio.run(go())
+    assert [r.outcome for r in replies] == ["sent"] * 12
+    assert sorted(m[1][0] for m in handler.messages) == sorted(
+        f"r{i}@example.com" for i in range(12)) and handler.sessions == 2
