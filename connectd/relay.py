@@ -582,6 +582,7 @@ class RelayPool:
     async def _open(self, conn: _Connection) -> None:
         """Open a session (failing over along the relay list); if no relay takes it, the
         next queued message is deferred with the reason, as it would have gone on it."""
+        failed: Reply | None = None
         try:
             failed = await conn.open()
             if failed is not None and len(self.hosts) > 1:
@@ -592,6 +593,11 @@ class RelayPool:
                     failed = await conn.open()
                     if failed is None:
                         break
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the queued mail must not hang
+            conn.abort()
+            failed = Reply("deferred", 0, f"cannot open a session with {conn.relay}: {exc!r}",
+                           conn.relay)
+            self.log.error("relay.open_failed", relay=conn.relay, error=repr(exc))
         finally:
             conn.opening = False
         if failed is not None:

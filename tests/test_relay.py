@@ -544,3 +544,14 @@ def test_submit_returns_the_reply_future_without_a_task(farm):
     assert [r.outcome for r in replies] == ["sent"] * 12
     assert sorted(m[1][0] for m in handler.messages) == sorted(
         f"r{i}@example.com" for i in range(12)) and handler.sessions == 2
+
+
+def test_unexpected_error_while_opening_defers_instead_of_hanging(tls_farm):
+    """An error open() does not expect (here: a bogus ssl_context) defers the message with
+    the reason; nothing waits forever."""
+    handler, port, _ = tls_farm
+    pool = RelayPool([f"127.0.0.1:{port}"], 1, starttls="required", timeout=5,
+                     ssl_context="not a context")  # type: ignore[arg-type]
+    (reply,) = _send_all(pool, ["a@example.com"])
+    assert reply.outcome == "deferred" and "cannot open" in reply.text
+    assert handler.messages == []
