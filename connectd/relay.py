@@ -29,6 +29,10 @@ RSET, MAIL, RCPT, BDAT <n> LAST and its bytes in one write, no dot-stuffing, and
 on loopback (16 KB messages, 4 connections, uvloop, 100 in flight): ~38 us of CPU per
 message (one-message-per-round-trip version: ~67 us), ~9,000 messages/s from one process
 with nothing else to do; fed one message per ~0.7 ms as the composer does: ~54 us (~67).
+Sessions open lazily (up to `connections`), stay open and are reused; one the relay ends
+with an unsolicited reply (a 421 before an idle close) is dropped and reopened on demand.
+`send()` awaits one Reply; `submit()` queues without a task and returns its future, so a
+caller can hand off several messages between two turns of the loop.
 
 STARTTLS (relay.starttls): "opportunistic" upgrades when the relay offers it, without
 verifying its certificate by default (encryption against passive listeners, as Postfix's
