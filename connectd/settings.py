@@ -128,6 +128,8 @@ class RelaySettings:
     starttls: Literal["opportunistic", "required", "off"] = setting(
         "opportunistic", "STARTTLS when the relay offers it, always (fail otherwise), or never")
     timeout: float = setting(30.0, "seconds to wait for any one SMTP reply before giving up")
+    chunking: bool = setting(True, "use BDAT (RFC 3030 CHUNKING) when a relay offers it")
+    depth: int = setting(8, "with BDAT: messages in flight per connection")
 
 
 @dataclass(frozen=True)
@@ -367,7 +369,7 @@ def _check_ranges(section: str, obj: Any) -> None:
                             "(at least 1024)", key="spool.segment_max_bytes")
     if section == "profiler" and obj.batch_size < 1:
         raise SettingsError("profiler.batch_size: must be at least 1", key="profiler.batch_size")
-    at_least_one = {"relay": ("connections",), "composer": ("window", "processes"),
+    at_least_one = {"relay": ("connections", "depth"), "composer": ("window", "processes"),
                     "manager": ("batch_min", "retry_attempts")}
     for name in at_least_one.get(section, ()):
         if getattr(obj, name) < 1:

@@ -105,7 +105,7 @@ class Composer(Daemon):
                                    s.composer.rate_per_domain, s.composer.domain_rates)
         self.loop = _new_loop()
         self.pool = RelayPool(s.relay.hosts, s.relay.connections, s.relay.starttls,
-                              s.relay.timeout)
+                              s.relay.timeout, chunking=s.relay.chunking, depth=s.relay.depth)
         self._tracker = s.tracker.public_url.rstrip("/")
         self._token_key = self.secrets.token_keys[0]
         self._verp_key = self.secrets.verp_keys[0]
