@@ -410,6 +410,10 @@ class Target(CustomerBase):
     last_reply: Mapped[str | None] = mapped_column(Text)
     sent_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False, default=utcnow)
+    # the customer's last click on this message (any, people's or machines'), kept by the
+    # profiler: the history its "links clicked at once" machine rule needs (appliers.hits)
+    last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_click_link: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class ComposerHeartbeat(CustomerBase):

@@ -289,6 +289,8 @@ def upgrade() -> None:
     sa.Column('last_reply', sa.Text(), nullable=True),
     sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('last_click_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_click_link', sa.BigInteger(), nullable=True),
     sa.CheckConstraint("status IN ('pending', 'batched', 'sending', 'sent', 'deferred', 'failed', 'unknown')", name=op.f('ck_targets_status')),
     sa.ForeignKeyConstraint(['batch_id'], ['mail_batches.id'], name=op.f('fk_targets_batch_id_mail_batches'), ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_targets_customer_id_customers'), ondelete='CASCADE'),

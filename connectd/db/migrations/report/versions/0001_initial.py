@@ -37,6 +37,9 @@ def upgrade() -> None:
     sa.Column('uniques', sa.BigInteger(), server_default='0', nullable=False),
     sa.Column('first_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('machine', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('machine_uniques', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('amount', sa.Float(), server_default=sa.text('0'), nullable=False),
     sa.PrimaryKeyConstraint('instance_id', 'segment_id', 'event', name=op.f('pk_event_totals'))
     )
     op.create_table('hourly_counts',
@@ -44,6 +47,9 @@ def upgrade() -> None:
     sa.Column('hour', sa.DateTime(timezone=True), nullable=False),
     sa.Column('event', sa.String(length=64), nullable=False),
     sa.Column('total', sa.BigInteger(), nullable=False),
+    sa.Column('uniques', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('machine', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('machine_uniques', sa.BigInteger(), server_default='0', nullable=False),
     sa.PrimaryKeyConstraint('instance_id', 'hour', 'event', name=op.f('pk_hourly_counts'))
     )
     op.create_table('click_facts',
@@ -53,7 +59,41 @@ def upgrade() -> None:
     sa.Column('link_id', sa.BigInteger(), nullable=False),
     sa.Column('clicked_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('machine', sa.Boolean(), nullable=False),
+    sa.Column('why', sa.String(length=64), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_click_facts'))
+    )
+    op.create_table('open_facts',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=False),
+    sa.Column('opened_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('machine', sa.Boolean(), nullable=False),
+    sa.Column('why', sa.String(length=64), nullable=True),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_open_facts'))
+    )
+    op.create_table('first_hits',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('machine', sa.Boolean(), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=False),
+    sa.PrimaryKeyConstraint('instance_id', 'machine', 'customer_id',
+                            name=op.f('pk_first_hits')),
+    sqlite_with_rowid=False
+    )
+    op.create_table('link_counts',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('link_id', sa.BigInteger(), nullable=False),
+    sa.Column('total', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('machine', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('conversions', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('amount', sa.Float(), server_default=sa.text('0'), nullable=False),
+    sa.PrimaryKeyConstraint('instance_id', 'link_id', name=op.f('pk_link_counts'))
+    )
+    op.create_table('conversion_orders',
+    sa.Column('order_key', sa.String(length=200), nullable=False),
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=False),
+    sa.Column('recorded_at', sa.DateTime(timezone=True), nullable=False),
+    sa.PrimaryKeyConstraint('order_key', name=op.f('pk_conversion_orders'))
     )
     op.create_table('message_facts',
     sa.Column('instance_id', sa.BigInteger(), nullable=False),
@@ -70,6 +110,11 @@ def upgrade() -> None:
     sa.Column('last_reply_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('unsubscribed_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('complained_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('machine_open_count', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('last_click_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_click_link', sa.BigInteger(), nullable=True),
+    sa.Column('conversion_count', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('conversion_amount', sa.Float(), server_default=sa.text('0'), nullable=False),
     sa.PrimaryKeyConstraint('instance_id', 'customer_id', name=op.f('pk_message_facts'))
     )
     op.create_table('report_instances',
@@ -103,6 +148,10 @@ def downgrade() -> None:
     op.drop_index(op.f('ix_report_instances_campaign_id'), table_name='report_instances')
     op.drop_table('report_instances')
     op.drop_table('message_facts')
+    op.drop_table('conversion_orders')
+    op.drop_table('link_counts')
+    op.drop_table('first_hits')
+    op.drop_table('open_facts')
     op.drop_table('click_facts')
     op.drop_table('hourly_counts')
     op.drop_table('event_totals')
