@@ -105,33 +105,53 @@ def _profiles(conn: Connection, records: list[LinkClicked], cache: dict[str, Any
 def clicks_to_facts(conn: Connection, records: list[LinkClicked],
                     cache: dict[str, Any]) -> None:
     dialect = conn.dialect.name
-    past, known = hits.history(conn, "message_facts", {(r.instance, r.customer) for r in records},
-                               clicks=True)
+    # column lists, zipped and counted in C: this path runs for every click
+    inst = [r.instance for r in records]
+    cust = [r.customer for r in records]
+    ts = [r.ts for r in records]
+    pair_list = list(zip(inst, cust, strict=True))
+    past, known = hits.history(conn, "message_facts", set(pair_list), clicks=True)
     if past:
         verdicts, last = hits.judge(records, past, clicks=True)
         hits.update_last_clicks(conn, last, "message_facts")
-        facts = [(r.instance, r.customer, r.link, r.ts, v.machine, v.why)
-                 for r, v in zip(records, verdicts, strict=True)]
+        mach = [v.machine for v in verdicts]
+        why = [v.why for v in verdicts]
     else:  # nobody's send known yet: the tracker's marks stand (the usual bulk path)
-        facts = [(r.instance, r.customer, r.link, r.ts, r.machine, r.why) for r in records]
+        mach = [r.machine for r in records]
+        why = [r.why for r in records]
+    links = [r.link for r in records]
     insert_many(conn, _clicks, ("instance_id", "customer_id", "link_id", "clicked_at", "machine",
-                                "why"), facts)
+                                "why"),
+                list(zip(inst, cust, links, ts, mach, why, strict=True)))
     segment = {k: v[0] for k, v in known.items() if v[0] is not None}
     # [people, machines, new people, new machines] per (instance, hour) and (instance, segment)
-    hourly = _counted(Counter([(f[0], f[3][:13], f[4]) for f in facts]))
+    by_hour = Counter(zip(inst, [t[:13] for t in ts], mach, strict=True))
+    hourly = _counted(by_hour)
     if segment:
-        seg_of = _segment_of(segment)
-        totals = _counted(Counter([(f[0], seg_of(f), f[4]) for f in facts]))
-        first_at = {(f[0], seg_of(f)): f[3] for f in reversed(facts)}
-        last_at = {(f[0], seg_of(f)): f[3] for f in facts}
+        segs = [segment.get(p, NO_SEGMENT) for p in pair_list]
+        totals = _counted(Counter(zip(inst, segs, mach, strict=True)))
+        inst_seg: list[Any] = list(zip(inst, segs, strict=True))
+    else:  # everyone outside any segment: the per-hour counts summed
+        per_instance: Counter = Counter()
+        for (i, _, m), n in by_hour.items():
+            per_instance[(i, NO_SEGMENT, m)] += n
+        totals = _counted(per_instance)
+        inst_seg = list(zip(inst, [NO_SEGMENT] * len(ts), strict=True))
+    first_at = dict(zip(reversed(inst_seg), reversed(ts), strict=True))
+    last_at = dict(zip(inst_seg, ts, strict=True))
+    # each customer's first click in this run, as a person and as a machine
+    firsts: dict[bool, dict[tuple[int, int], str]] = {False: {}, True: {}}
+    if any(mach):
+        for p, m, t in zip(reversed(pair_list), reversed(mach), reversed(ts), strict=True):
+            firsts[m][p] = t
     else:
-        totals = _counted(Counter([(f[0], NO_SEGMENT, f[4]) for f in facts]))
-        first_at = {(f[0], NO_SEGMENT): f[3] for f in reversed(facts)}
-        last_at = {(f[0], NO_SEGMENT): f[3] for f in facts}
-    for (i, m, h, seg), n in _new_clickers(conn, facts, segment, cache).items():
+        firsts[False] = dict(zip(reversed(pair_list), reversed(ts), strict=True))
+    for (i, m, h, seg), n in _new_clickers(conn, firsts, segment, cache).items():
         hourly[(i, h)][3 if m else 2] += n
         totals[(i, seg)][3 if m else 2] += n
-    links = Counter([(f[0], f[2], f[4]) for f in facts])
+    per_link: dict[tuple[int, int], list[int]] = {}
+    for (i, link, m), n in Counter(zip(inst, links, mach, strict=True)).items():
+        per_link.setdefault((i, link), [0, 0])[1 if m else 0] += n
     upsert(conn, _hourly, ("instance_id", "hour", "event", "total", "machine", "uniques",
                            "machine_uniques"),
            [(i, _hour(dialect, h), CLICKED, *n) for (i, h), n in hourly.items()],
@@ -144,18 +164,9 @@ def clicks_to_facts(conn: Connection, records: list[LinkClicked],
            keys=("instance_id", "segment_id", "event"),
            add=("total", "machine", "uniques", "machine_uniques"), least=("first_at",),
            greatest=("last_at",))
-    per_link: dict[tuple[int, int], list[int]] = {}
-    for (i, link, m), n in links.items():
-        per_link.setdefault((i, link), [0, 0])[1 if m else 0] += n
     upsert(conn, _links_n, ("instance_id", "link_id", "total", "machine"),
            [(i, link, *n) for (i, link), n in per_link.items()],
            keys=("instance_id", "link_id"), add=("total", "machine"))
-
-
-def _segment_of(segment: dict[tuple[int, int], int]) -> Any:
-    def seg_of(f: tuple) -> int:
-        return segment.get((f[0], f[1]), NO_SEGMENT)
-    return seg_of
 
 
 def _counted(counts: Counter) -> dict[tuple, list[int]]:
@@ -174,22 +185,29 @@ _FIRST_PG = ("INSERT INTO first_hits (instance_id, machine, customer_id) "
 _KNOWN_MAX = 500_000  # clickers remembered per consumer (about 50 MB at most)
 
 
-def _new_clickers(conn: Connection, facts: list[tuple], segment: dict[tuple[int, int], int],
-                  cache: dict[str, Any]) -> Counter:
+def _new_clickers(conn: Connection, firsts: dict[bool, dict[tuple[int, int], str]],
+                  segment: dict[tuple[int, int], int], cache: dict[str, Any]) -> Counter:
     """Customers clicking an instance for the first time, as people or as machines: Counter of
     (instance, machine, hour of that first click, segment), from the first_hits rows inserted.
+    `firsts`: machine -> (instance, customer) -> ts of the run's first such click.
 
     Clickers already in first_hits are mostly passed over without a database round: the
     process remembers the keys of earlier runs, but trusts them only once their transaction
     is known to have committed (one key it inserted is looked up at the next run; a rolled
     back run, retried or bisected by the consumer, leaves no trace and is forgotten)."""
     known = _committed_clickers(conn, cache)
-    first = {(f[0], f[4], f[1]): f[3] for f in reversed(facts)}  # a customer's first click
-    unknown = first.keys() - known
-    rows = sorted([(i, m, first[(i, m, c)][:13], segment.get((i, c), NO_SEGMENT), c)
-                   for i, m, c in unknown])
+    rows: list[tuple] = []
+    tried: dict[bool, set[tuple[int, int]]] = {}
+    for m, first in firsts.items():
+        unknown = tried[m] = first.keys() - known[m]
+        if segment:
+            rows += [(i, m, first[(i, c)][:13], segment.get((i, c), NO_SEGMENT), c)
+                     for i, c in unknown]
+        else:
+            rows += [(i, m, first[(i, c)][:13], NO_SEGMENT, c) for i, c in unknown]
     if not rows:
         return Counter()
+    rows.sort()
     if conn.dialect.name == "postgresql":
         group = {(p[0], p[1], p[4]): p[:4] for p in rows}
         got = conn.exec_driver_sql(_FIRST_PG, ([p[0] for p in rows], [p[1] for p in rows],
@@ -198,7 +216,7 @@ def _new_clickers(conn: Connection, facts: list[tuple], segment: dict[tuple[int,
         probe = next(((i, bool(m), c) for i, m, c in got), None)
     else:
         new, probe = _insert_grouped(conn, rows)
-    cache["clickers.pending"] = ({(p[0], p[1], p[4]) for p in rows}, probe)
+    cache["clickers.pending"] = (tried, probe)
     return new
 
 
@@ -226,27 +244,30 @@ def _insert_grouped(conn: Connection, rows: list[tuple]) -> tuple[Counter, tuple
     return new, probe
 
 
-def _committed_clickers(conn: Connection, cache: dict[str, Any]) -> set[tuple]:
-    """The clickers this process knows to be in first_hits: the previous run's keys join
-    them once the key it inserted is found (its transaction committed); if not, they are
-    dropped (it rolled back: the run will be applied again)."""
-    known: set[tuple] = cache.setdefault("clickers", set())
+def _committed_clickers(conn: Connection, cache: dict[str, Any]
+                       ) -> dict[bool, set[tuple[int, int]]]:
+    """The clickers (machine -> {(instance, customer)}) this process knows to be in
+    first_hits: the previous run's keys join them once the key it inserted is found (its
+    transaction committed); if not, they are dropped (it rolled back: it will be applied
+    again)."""
+    known: dict[bool, set[tuple[int, int]]] = cache.setdefault(
+        "clickers", {False: set(), True: set()})
     pending = cache.pop("clickers.pending", None)
     if pending is None:
         return known
-    keys, probe = pending
+    tried, probe = pending
     if probe is None:  # nothing new last time: nothing to vouch for the others
         return known
+    mark = "?" if conn.dialect.name == "sqlite" else "%s"
     found = conn.exec_driver_sql(
-        "SELECT 1 FROM first_hits WHERE instance_id = " + ("?" if conn.dialect.name == "sqlite"
-                                                           else "%s")
-        + " AND machine = " + ("?" if conn.dialect.name == "sqlite" else "%s")
-        + " AND customer_id = " + ("?" if conn.dialect.name == "sqlite" else "%s"),
-        probe).first()
+        f"SELECT 1 FROM first_hits WHERE instance_id = {mark} AND machine = {mark} "
+        f"AND customer_id = {mark}", probe).first()
     if found is not None:
-        if len(known) + len(keys) > _KNOWN_MAX:
-            known.clear()
-        known.update(keys)
+        if sum(map(len, known.values())) + sum(map(len, tried.values())) > _KNOWN_MAX:
+            known[False].clear()
+            known[True].clear()
+        for m, keys in tried.items():
+            known[m].update(keys)
     return known
 
 
