@@ -8,11 +8,18 @@ person or machine first (the tracker's mark, then history: connectd.appliers.hit
   inferred interests, one count per label of the clicked link (customer_interests); every
   click, person's or machine's, updates the target's last click (the history of the next).
 - report DB, people and machines side by side: one click_facts row per click (machine, why);
-  message_facts click counts, first and last click (who is new to the instance); first_hits
-  (who is new to a link); link_counts (per link), hourly_counts (per hour), event_totals (per
-  segment: message_facts.segment_id, from composer.content), each with total and unique
-  figures for people and for machines.
-Updates are aggregated within the run first: one statement per table.
+  hourly_counts (per hour) and event_totals (per segment: message_facts.segment_id, from
+  composer.content) with totals and unique clickers; link_counts with totals per link (unique
+  clickers per link: `link_uniques`, counted from click_facts when asked); first_hits, the
+  memory of who already clicked an instance; message_facts' last click and its link (the
+  history of the next judgement) where the send is known.
+Updates are aggregated within the run first: one statement per table (first_hits: one
+executemany per group of new clickers on SQLite).
+
+Cost (bench/profiler_ingest.py, 1M clicks, 100k customers, SQLite): the report side is the
+slower one: per 1M clicks about 1.6 s for the click_facts insert, 1.3 s for first_hits (0.6 s
+in SQLite for ~290k new clickers, the rest building and sorting their keys), 1.2 s for the
+column lists and counts, 1.5 s in the consumer (decoding, commits).
 """
 
 from __future__ import annotations
@@ -118,7 +125,7 @@ def clicks_to_facts(conn: Connection, records: list[LinkClicked],
         why = [v.why for v in verdicts]
     else:  # nobody's send known yet: the tracker's marks stand (the usual bulk path)
         mach = [r.machine for r in records]
-        why = [r.why for r in records]
+        why = [r.why for r in records] if any(mach) else [None] * len(mach)
     links = [r.link for r in records]
     insert_many(conn, _clicks, ("instance_id", "customer_id", "link_id", "clicked_at", "machine",
                                 "why"),

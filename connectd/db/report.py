@@ -6,12 +6,13 @@ Inputs: none (declarations). Outputs: `ReportBase.metadata` and the ORM classes.
 Opens and clicks are counted twice, side by side: `total`/`uniques` for people and
 `machine`/`machine_uniques` for machine traffic (scanners, pre-fetchers, image proxies: decided
 by the tracker per request and by the profiler from history, connectd.appliers.hits). Uniques
-are kept as the events arrive: message_facts (one row per instance and customer) tells whether
-a customer is new to an instance, first_hits whether a customer is new to a link; the rows
-those see for the first time bump `uniques`. Totals per hour, per link and per segment are
+are kept as the events arrive for each instance (first_hits for clicks, message_facts' open
+counts for opens: a customer seen there for the first time bumps `uniques`); unique clickers
+per link are counted from click_facts when asked. Totals per hour, per link and per segment are
 aggregates, and `event_totals` holds the totals per message instance, segment and event kind
-that the campaign summary reads without scanning facts. `report_instances` and `report_segments` copy the names the reports show, so the report
-DB answers on its own (it may live on another server than the customer DB).
+that the campaign summary reads without scanning facts. `report_instances` and
+`report_segments` copy the names the reports show, so the report DB answers on its own (it
+may live on another server than the customer DB).
 """
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ class MessageFact(ReportBase):
     open_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)  # people
     first_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    # each click is also a fact of its own (click_facts: one row per click, appended) and
-    # first_hits says who is new to the instance and to a link; this is the history the
-    # "links at once" machine rule needs, kept for customers whose send is known
+    # each click is a fact of its own (click_facts: one row per click, appended), and
+    # first_hits says who is new to the instance; the last click and its link are the history
+    # the "links at once" machine rule needs (connectd.appliers.hits)
     machine_open_count: Mapped[int] = mapped_column(
         Integer, nullable=False, default=0, server_default="0")
     last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
