@@ -21,7 +21,14 @@ from connectd.appliers import hits
 from connectd.appliers.tracking import link_uniques
 from connectd.consumer import Consumer
 from connectd.daemons.profiler import consumer_name
-from connectd.db.customer import CustomerInterest, CustomerStats, Link, Subscription, Target
+from connectd.db.customer import (
+    CustomerInterest,
+    CustomerStats,
+    Link,
+    Message,
+    Subscription,
+    Target,
+)
 from connectd.db.report import ClickFact, EventTotal, HourlyCount, LinkCount
 
 STREAM = "tracker.events.1"
@@ -207,3 +214,17 @@ def test_clicks_before_the_send_is_known_keep_the_trackers_mark(tracked: Any) ->
     assert w.profile()[a][0] == 1
     with w.customer.connect() as conn:
         assert conn.execute(select(Target.last_click_link)).scalar_one() == w.links[1]
+
+
+def test_clicks_on_trial_sends_stay_out_of_the_profile(tracked: Any) -> None:
+    """A click on a trial send (a test copy) is counted in the report but not in the
+    customer's profile or interests."""
+    w = tracked(1)
+    (a,) = w.customers
+    with w.customer.begin() as conn:
+        conn.execute(update(Message).values(kind="trial"))
+    w.send_all()
+    w.track(CLICKED, [w.click(a, w.links[0], at(600))])
+    w.apply_both()
+    assert w.profile() == {} and w.interests() == {}
+    assert w.totals() == {0: (1, 0, 1, 0)}

@@ -3,7 +3,8 @@
 `message.opened` (judged person or machine first: the tracker's mark, then "soon after the
 send", connectd.appliers.hits):
 - customer DB: people's opens only into customer_stats (open_count, last_open_at): Apple
-  Mail Privacy Protection and image proxies open every mail and say nothing about the person.
+  Mail Privacy Protection and image proxies open every mail and say nothing about the person;
+  nor do opens of trial sends (test copies).
 - report DB: one open_facts row per open (machine, why); message_facts open_count /
   machine_open_count and people's first/last open; hourly_counts and event_totals (per
   segment) with total and unique figures for people and for machines (a customer is a new
@@ -73,7 +74,8 @@ def opens_to_profiles(conn: Connection, records: list[MessageOpened],
     past, _ = hits.history(conn, "targets", {(r.instance, r.customer) for r in records},
                            clicks=False)
     verdicts, _ = hits.judge(records, past, clicks=False)
-    people = [r for r, v in zip(records, verdicts, strict=True) if not v.machine]
+    people = hits.without_trials(
+        conn, [r for r, v in zip(records, verdicts, strict=True) if not v.machine], cache)
     counts = Counter([r.customer for r in people])
     last: dict[int, str] = {}
     for r in people:

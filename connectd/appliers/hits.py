@@ -185,3 +185,12 @@ def update_last_clicks(conn: Connection, last: dict[tuple[int, int], tuple[str, 
         f"AND {table}.customer_id = r.value ->> 1 "
         f"AND ({table}.last_click_at IS NULL OR {table}.last_click_at <= r.value ->> 2)",
         (json.dumps(rows),))
+
+
+def without_trials(conn: Connection, records: list[Any], cache: dict[str, Any]) -> list[Any]:
+    """`records` minus those of trial sends (test copies): like their hand-offs
+    (connectd.appliers.outbound), their opens and clicks are not the customer's."""
+    from connectd.appliers.outbound import _trial_instances  # outbound imports this package
+
+    trials = _trial_instances(conn, {r.instance for r in records}, cache)
+    return [r for r in records if r.instance not in trials] if trials else records

@@ -5,8 +5,9 @@ person or machine first (the tracker's mark, then history: connectd.appliers.hit
 - customer DB: people's clicks only (a profile is about the person: a scanner that clicks
   every link must not make anyone "interested in shoes"; machine clicks stay in the stream
   and the report DB): per-customer click count and last click (customer_stats), and Connect's
-  inferred interests, one count per label of the clicked link (customer_interests); every
-  click, person's or machine's, updates the target's last click (the history of the next).
+  inferred interests, one count per label of the clicked link (customer_interests); not
+  clicks on trial sends (test copies); every click, person's or machine's, updates the
+  target's last click (the history of the next).
 - report DB, people and machines side by side: one click_facts row per click (machine, why);
   hourly_counts (per hour) and event_totals (per segment: message_facts.segment_id, from
   composer.content) with totals and unique clickers; link_counts with totals per link (unique
@@ -80,7 +81,7 @@ def clicks_to_profiles(conn: Connection, records: list[LinkClicked],
         verdicts, last = hits.judge(records, past, clicks=True)
         hits.update_last_clicks(conn, last, "targets")
         records = [r for r, v in zip(records, verdicts, strict=True) if not v.machine]
-    _profiles(conn, records, cache)
+    _profiles(conn, hits.without_trials(conn, records, cache), cache)
 
 
 def _profiles(conn: Connection, records: list[LinkClicked], cache: dict[str, Any]) -> None:
