@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from itertools import chain
 from operator import attrgetter
 from typing import Any
 
@@ -222,11 +223,19 @@ def _new_clickers(conn: Connection, firsts: dict[bool, dict[tuple[int, int], str
     is known to have committed (one key it inserted is looked up at the next run; a rolled
     back run, retried or bisected by the consumer, leaves no trace and is forgotten)."""
     known = _committed_clickers(conn, cache)
+    tried = {m: first.keys() - known[m] for m, first in firsts.items()}
+    if not any(tried.values()):
+        return Counter()
+    if conn.dialect.name == "sqlite" and cache.get("clickers.all_new", True):
+        new = _insert_all_new(conn, firsts, tried, segment)
+        if new is not None:
+            probe = next((k[0], m, k[1]) for m, keys in tried.items() for k in keys)
+            cache["clickers.pending"] = (tried, probe)
+            return new
     # (instance, machine, hour, segment) -> customers not known to have clicked before
     groups: dict[tuple, list[int]] = {}
-    tried: dict[bool, set[tuple[int, int]]] = {}
     for m, first in firsts.items():
-        unknown = tried[m] = first.keys() - known[m]
+        unknown = tried[m]
         for i, c in unknown:
             t = first[(i, c)]
             seg = segment.get((i, c), NO_SEGMENT) if segment else NO_SEGMENT
@@ -242,7 +251,63 @@ def _new_clickers(conn: Connection, firsts: dict[bool, dict[tuple[int, int], str
         new, probe = _insert_returning(conn, groups)
     else:
         new, probe = _insert_grouped(conn, groups)
+        # every key new: the memory knows the table again, the next run may try all at once
+        cache["clickers.all_new"] = sum(new.values()) == sum(map(len, groups.values()))
     cache["clickers.pending"] = (tried, probe)
+    return new
+
+
+def _first_all(machine: bool) -> str:
+    return ("INSERT INTO first_hits (instance_id, machine, customer_id) VALUES "
+            + ", ".join([f"(?, {int(machine)}, ?)"] * _FIRST_PER) + " ON CONFLICT DO NOTHING")
+
+
+_FIRST_ALL = {m: _first_all(m) for m in (False, True)}
+_FIRST_ONE = {m: ("INSERT INTO first_hits (instance_id, machine, customer_id) "
+                  f"VALUES (?, {int(m)}, ?) ON CONFLICT DO NOTHING") for m in (False, True)}
+
+
+def _insert_all_new(conn: Connection, firsts: dict[bool, dict[tuple[int, int], str]],
+                    tried: dict[bool, set[tuple[int, int]]], segment: dict[tuple[int, int], int]
+                    ) -> Counter | None:
+    """SQLite, the usual case once the process remembers the table (every clicker it does not
+    know is new): all of them in a few multi-row statements under a savepoint, and the counts
+    per (instance, machine, hour, segment) taken from the keys with C-level calls. None (and
+    nothing inserted) when some key was in the table after all: the caller counts group by
+    group, and runs go that way until one finds every key new again."""
+    raw = conn.connection.driver_connection
+    total = sum(map(len, tried.values()))
+    nested = conn.begin_nested()
+    cursor = raw.cursor()  # type: ignore[union-attr]
+    try:
+        before = raw.total_changes  # type: ignore[union-attr]
+        for m, keys in tried.items():
+            pairs = sorted(keys)  # key order: measured 0.4 s per 1M clicks less than unsorted
+            flat = list(chain.from_iterable(pairs))
+            full = len(pairs) // _FIRST_PER * _FIRST_PER
+            step = 2 * _FIRST_PER
+            if full:
+                cursor.executemany(_FIRST_ALL[m], [flat[k:k + step]
+                                                   for k in range(0, 2 * full, step)])
+            if full < len(pairs):
+                cursor.executemany(_FIRST_ONE[m], pairs[full:])
+        inserted = raw.total_changes - before  # type: ignore[union-attr]
+    finally:
+        cursor.close()
+    if inserted != total:
+        nested.rollback()
+        return None
+    nested.commit()
+    new: Counter = Counter()
+    for m, keys in tried.items():
+        if not keys:
+            continue
+        pairs = list(keys)
+        first = firsts[m]
+        hours = [first[p][:13] for p in pairs]
+        segs = ([segment.get(p, NO_SEGMENT) for p in pairs] if segment
+                else [NO_SEGMENT] * len(pairs))
+        new.update(zip([p[0] for p in pairs], [m] * len(pairs), hours, segs, strict=True))
     return new
 
 
