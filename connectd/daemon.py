@@ -34,6 +34,22 @@ class DaemonFailed(RuntimeError):
     prints the message and exits 1, and the supervisor or systemd restarts it."""
 
 
+def stuck_workers(beats: dict[Any, Any], stale_after: float) -> list[Any]:
+    """The keys of `beats` (shared monotonic-time values each worker process refreshes as it
+    makes progress) whose worker has been silent for more than `stale_after` seconds; a value
+    of 0 means "not started yet" and is never stuck. A daemon with worker processes pings the
+    watchdog only while this is empty, so a wedged worker gets the whole daemon restarted."""
+    now = time.monotonic()
+    return [key for key, beat in beats.items() if beat.value and now - beat.value > stale_after]
+
+
+def signal_workers(processes: Any, signum: int) -> None:
+    """Send `signum` to every live process of `processes` (multiprocessing Process objects)."""
+    for proc in processes:
+        if proc.is_alive():
+            os.kill(proc.pid, signum)
+
+
 class _Waker:
     """Ends the loop's idle sleep, from another thread or from a signal handler: one byte
     written to a pipe, which is safe anywhere. (threading.Event.set() from a signal handler

@@ -25,7 +25,7 @@ from typing import Any
 
 from connectd import log
 from connectd.consumer import Consumer, all_streams
-from connectd.daemon import Daemon
+from connectd.daemon import Daemon, signal_workers, stuck_workers
 from connectd.db.engine import make_engine
 from connectd.settings import Settings
 from connectd.spool import Locked, Spool
@@ -104,17 +104,13 @@ class Profiler(Daemon):
         """Ping systemd's watchdog only while every worker's loop goes round: a worker stuck
         (in a database call, say) for 3 watchdog intervals gets the whole profiler
         restarted by systemd."""
-        stale_after = 3 * self.settings.daemon.watchdog_interval
-        now = time.monotonic()
-        stuck = [db for db, beat in self._beats.items() if now - beat.value > stale_after]
+        stuck = stuck_workers(self._beats, 3 * self.settings.daemon.watchdog_interval)
         if stuck:
             self.log.warning("worker not responding; not pinging the watchdog", dbs=stuck)
         return not stuck
 
     def _signal_workers(self, signum: int) -> None:
-        for proc in self._workers.values():
-            if proc.is_alive():
-                os.kill(proc.pid, signum)
+        signal_workers(self._workers.values(), signum)
 
     def reload(self) -> None:
         self._signal_workers(signal.SIGHUP)

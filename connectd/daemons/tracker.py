@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from connectd import log
-from connectd.daemon import Daemon, DaemonFailed
+from connectd.daemon import Daemon, DaemonFailed, signal_workers, stuck_workers
 from connectd.secrets import SecretsError, load_secrets
 from connectd.settings import Settings, SettingsError
 from connectd.spool import Spool
@@ -137,17 +137,13 @@ class Tracker(Daemon):
         return 0
 
     def alive(self) -> bool:
-        stale_after = 3 * self.settings.daemon.watchdog_interval
-        now = time.monotonic()
-        stuck = [n for n, b in self.beats.items() if b.value and now - b.value > stale_after]
+        stuck = stuck_workers(self.beats, 3 * self.settings.daemon.watchdog_interval)
         if stuck:
             self.log.warning("worker not responding; not pinging the watchdog", workers=stuck)
         return not stuck
 
     def _signal_workers(self, signum: int) -> None:
-        for proc in self.workers.values():
-            if proc.is_alive():
-                os.kill(proc.pid, signum)
+        signal_workers(self.workers.values(), signum)
 
     def reload(self) -> None:
         self._signal_workers(signal.SIGHUP)
