@@ -34,9 +34,10 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
-from sqlalchemy import Connection
+from sqlalchemy import Connection, select
 
 from connectd.appliers.sql import db_time
+from connectd.db.customer import Message, MessageInstance
 
 # seconds; the lead may make these settings ([profiler] machine_after_sent, machine_at_once)
 AFTER_SENT = 10.0
@@ -187,10 +188,21 @@ def update_last_clicks(conn: Connection, last: dict[tuple[int, int], tuple[str, 
         (json.dumps(rows),))
 
 
+def trial_instances(conn: Connection, instances: set[int], cache: dict[str, Any]) -> set[int]:
+    """Which of `instances` are trial sends (a message of kind "trial"); remembered, since an
+    instance never changes its message."""
+    known: dict[int, bool] = cache.setdefault("trial_instance", {})
+    unknown = [i for i in instances if i not in known]
+    if unknown:
+        found = set(conn.execute(
+            select(MessageInstance.id).join(Message, Message.id == MessageInstance.message_id)
+            .where(MessageInstance.id.in_(unknown), Message.kind == "trial")).scalars())
+        known.update((i, i in found) for i in unknown)
+    return {i for i in instances if known[i]}
+
+
 def without_trials(conn: Connection, records: list[Any], cache: dict[str, Any]) -> list[Any]:
     """`records` minus those of trial sends (test copies): like their hand-offs
     (connectd.appliers.outbound), their opens and clicks are not the customer's."""
-    from connectd.appliers.outbound import _trial_instances  # outbound imports this package
-
-    trials = _trial_instances(conn, {r.instance for r in records}, cache)
+    trials = trial_instances(conn, {r.instance for r in records}, cache)
     return [r for r in records if r.instance not in trials] if trials else records

@@ -28,12 +28,12 @@ from collections import Counter
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from connectd.appliers import applies
+from connectd.appliers import applies, hits
 from connectd.appliers.sql import db_time, upsert
 from connectd.appliers.tracking import _hour
-from connectd.db.customer import CustomerStats, Message, MessageInstance
+from connectd.db.customer import CustomerStats
 from connectd.db.report import NO_SEGMENT, EventTotal, HourlyCount, MessageFact
 from connectd.records import ComposerContent, ComposerSent
 
@@ -98,7 +98,7 @@ def sent_to_targets(conn: Connection, records: list[ComposerSent],
             _PG_UPDATE, tuple(list(col) for col in zip(*rows, strict=True))).all()
     else:
         changed = conn.exec_driver_sql(_SQLITE_UPDATE, (json.dumps(rows),)).all()
-    trials = _trial_instances(conn, {row[3] for row in changed}, cache)
+    trials = hits.trial_instances(conn, {row[3] for row in changed}, cache)
     sent: dict[int, tuple[int, str]] = {}
     for customer, status, ts, instance in changed:
         if status != "sent" or instance in trials:  # a test send is not part of the profile
@@ -109,19 +109,6 @@ def sent_to_targets(conn: Connection, records: list[ComposerSent],
     upsert(conn, _stats, ("customer_id", "sent_count", "last_sent_at"),
            [(c, n, last) for c, (n, last) in sent.items()],
            keys=("customer_id",), add=("sent_count",), greatest=("last_sent_at",))
-
-
-def _trial_instances(conn: Connection, instances: set[int], cache: dict[str, Any]) -> set[int]:
-    """Which of `instances` are trial sends (a message of kind "trial"); remembered, since an
-    instance never changes its message."""
-    known: dict[int, bool] = cache.setdefault("trial_instance", {})
-    unknown = [i for i in instances if i not in known]
-    if unknown:
-        found = set(conn.execute(
-            select(MessageInstance.id).join(Message, Message.id == MessageInstance.message_id)
-            .where(MessageInstance.id.in_(unknown), Message.kind == "trial")).scalars())
-        known.update((i, i in found) for i in unknown)
-    return {i for i in instances if known[i]}
 
 
 def _as_text(dialect: str, ts: Any) -> str:
