@@ -115,6 +115,114 @@ class ComposerContent(Record, tag="composer.content", frozen=True):
     segment: int | None = None
 
 
+class MailReceived(Record, tag="mail.received", frozen=True):
+    """The receiver stored one inbound message durably (before it answered 250); the processor
+    consumes these. `message` names the file in the inbound store (connectd.spool.InboundStore),
+    which holds the bytes exactly as received (CRLF line ends, no headers added)."""
+
+    message: str  # the store's name for it, e.g. "1733330000.123456.a1b2c3.host"
+    size: int  # bytes of the stored message
+    sha256: str  # hex digest of the stored bytes
+    mail_from: str = ""  # envelope sender; "" for the null sender <> (bounces)
+    rcpt: list[str] = []  # envelope recipients, as given
+    peer: str = ""  # the client's address
+    helo: str = ""  # what the client said in HELO/EHLO
+    receiver: str = ""  # host name of the receiver that took it
+
+
+class MailProcessed(Record, tag="mail.processed", frozen=True):
+    """The processor's outcome for one received message (one per message; the report fact).
+    `received` is the id of the mail.received record it answers, which is how a restarted
+    processor knows where it stopped."""
+
+    message: str  # the inbound store name
+    received: str  # id of the mail.received record
+    kind: str  # bounce autoreply feedback delivered unsubscribe subscribe human unknown
+    handler: str = ""  # name of the reply handler that accepted it ("" when none did)
+    actions: list[str] = []  # the actions that ran, e.g. ["bounce", "archive"]
+    customer: int | None = None
+    instance: int | None = None
+    context_via: str | None = None  # how the context was found: verp, message-id, address
+    reason: str | None = None  # bounce reason (sisimai vocabulary)
+    hard: bool | None = None
+    status: str | None = None  # DSN status, e.g. "5.1.1"
+    recipients: list[str] = []  # bounced addresses
+    sender: str = ""  # the From address, lower case
+    subject: str = ""  # at most 200 characters
+    errors: list[str] = []  # actions that failed, with why (the message is kept; see archive)
+
+
+class MailBounced(Record, tag="mail.bounced", frozen=True):
+    """A bounce for one recipient (the processor's bounce actions). Hard: the customer is
+    bounced out of every conversation. Soft: counted; processor.soft_bounce_limit of them within
+    processor.soft_bounce_days, with no open or click since, bounce the customer out."""
+
+    hard: bool
+    customer: int | None = None  # None: found by `address`
+    address: str = ""  # the bounced address, lower case
+    instance: int | None = None
+    reason: str = ""
+    status: str | None = None
+    message: str = ""  # inbound store name ("" for a bounce at send time)
+
+
+class MailComplained(Record, tag="mail.complained", frozen=True):
+    """A complaint (ARF feedback report, "this is spam"): the customer is opted out of
+    everything."""
+
+    customer: int | None = None  # None: found by `address`
+    address: str = ""
+    instance: int | None = None
+    feedback_type: str = "abuse"  # RFC 5965 Feedback-Type
+    message: str = ""
+
+
+class CustomerSubscribed(Record, tag="customer.subscribed", frozen=True):
+    """A subscribe request (double opt-in): `confirmed` false = a confirmation was sent and the
+    customer is opting in; true = confirmed, active. A customer not yet known (customer None)
+    is created from `address`."""
+
+    customer: int | None = None
+    address: str = ""
+    conversation: int | str | None = None  # id or name; None: the instance's conversation
+    instance: int | None = None
+    confirmed: bool = False
+    via: str = "mail"
+    message: str = ""
+
+
+class MailReplied(Record, tag="mail.replied", frozen=True):
+    """A customer's reply (anything not handled as bounce, complaint, subscription): the
+    customer's history."""
+
+    customer: int
+    instance: int | None = None
+    message: str = ""  # inbound store name
+    kind: str = "human"  # the classifier's kind (human, autoreply, ...)
+    handler: str = ""
+    subject: str = ""  # at most 200 characters
+    forwarded: bool = False  # sent on to customer service
+
+
+class CustomerAttributeSet(Record, tag="customer.attribute_set", frozen=True):
+    """A reply handler set a customer attribute (connectd.core.attributes names and types)."""
+
+    customer: int
+    name: str
+    value: str | int | float | bool | None = None
+    via: str = "reply"
+    message: str = ""
+
+
+class EventTriggered(Record, tag="event.triggered", frozen=True):
+    """A reply handler fired a named event (for event-triggered campaigns and reports)."""
+
+    name: str
+    customer: int | None = None
+    instance: int | None = None
+    message: str = ""
+
+
 def record_type(cls: type[Record]) -> str:
     """The `type` tag of a record class."""
     return cls.__struct_config__.tag  # type: ignore[return-value]

@@ -111,7 +111,26 @@ class TrackerSettings:
 class ReceiverSettings:
     host: str = setting("127.0.0.1", "mail receiver (reply domain MX) listen address")
     port: int = setting(8025, "mail receiver SMTP port")
-    domain: str = setting("reply.localhost", "the reply domain: the only domain the receiver accepts")
+    domain: str = setting("reply.localhost", "the reply domain: VERP bounces, unsubscribe mail and replies go here")
+    domains: tuple[str, ...] = setting((), "further domains the receiver accepts mail for (aliases of the reply domain)")
+    mailboxes: tuple[str, ...] = setting(
+        ("reply", "subscribe", "unsubscribe", "postmaster", "abuse"),
+        "local parts accepted besides the signed ones (b-<token>, unsubscribe-<token>, confirm-<token>)")
+    max_size: int = setting(25 * 1024 * 1024, "largest message accepted (SIZE extension; 552 past it)")
+    tls_cert: Path | None = setting(None, "PEM certificate for STARTTLS (none: STARTTLS not offered)")
+    tls_key: Path | None = setting(None, "PEM private key of tls_cert")
+    timeout: float = setting(300.0, "seconds an idle SMTP session is kept open")
+
+
+@dataclass(frozen=True)
+class ProcessorSettings:
+    handlers: Path = setting(Path("reply-handlers.toml"), "the ordered reply-handler chain (TOML)")
+    customer_service: str = setting("service@localhost", "where unexpected replies are forwarded")
+    from_address: str = setting("connectd@reply.localhost", "sender of forwards, auto replies and confirmations")
+    archive_dir: Path | None = setting(None, "root of the archive maildirs (none: <spool>/archive)")
+    pipe_timeout: float = setting(30.0, "seconds a pipe action's command may run before it is killed")
+    soft_bounce_limit: int = setting(5, "soft bounces within soft_bounce_days that bounce a customer out")
+    soft_bounce_days: float = setting(30.0, "window of soft_bounce_limit; a later open or click resets the count")
 
 
 @dataclass(frozen=True)
@@ -177,6 +196,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
     receiver: ReceiverSettings = field(default_factory=ReceiverSettings)
+    processor: ProcessorSettings = field(default_factory=ProcessorSettings)
     sink: SinkSettings = field(default_factory=SinkSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     manager: ManagerSettings = field(default_factory=ManagerSettings)
@@ -336,8 +356,9 @@ def _coerce_value(key: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, str):
             raise SettingsError(f"{key}: expected a string, got {value!r}")
         return value
-    if isinstance(hint, types.UnionType):  # pragma: no cover - no such fields yet
-        return value
+    if isinstance(hint, types.UnionType) and set(typing.get_args(hint)) == {Path, type(None)}:
+        # optional paths: "" (what `config show` prints for unset) = None
+        return None if value == "" else _coerce_value(key, Path, value)
     raise SettingsError(f"{key}: unsupported setting type {hint!r}")  # pragma: no cover
 
 
@@ -370,7 +391,8 @@ def _check_ranges(section: str, obj: Any) -> None:
     if section == "profiler" and obj.batch_size < 1:
         raise SettingsError("profiler.batch_size: must be at least 1", key="profiler.batch_size")
     at_least_one = {"relay": ("connections", "depth"), "composer": ("window", "processes"),
-                    "manager": ("batch_min", "retry_attempts")}
+                    "manager": ("batch_min", "retry_attempts"),
+                    "receiver": ("max_size",), "processor": ("soft_bounce_limit",)}
     for name in at_least_one.get(section, ()):
         if getattr(obj, name) < 1:
             raise SettingsError(f"{section}.{name}: must be at least 1", key=f"{section}.{name}")
@@ -385,6 +407,9 @@ def _check_ranges(section: str, obj: Any) -> None:
             except ValueError:
                 raise SettingsError(f"tracker.trusted_proxies: {entry!r} is not an IP address "
                                     "or CIDR", key="tracker.trusted_proxies") from None
+    if section == "receiver" and (obj.tls_cert is None) != (obj.tls_key is None):
+        raise SettingsError("receiver.tls_cert and receiver.tls_key: set both (STARTTLS) or "
+                            "neither", key="receiver.tls_cert")
     if section == "relay" and not obj.hosts:
         raise SettingsError("relay.hosts: name at least one relay as host:port", key="relay.hosts")
 
@@ -401,6 +426,8 @@ def describe(settings: Settings) -> list[tuple[str, Any, str]]:
 
 def to_toml_value(value: Any) -> str:
     """Render a setting value as TOML (for `config show`)."""
+    if value is None:
+        return '""'
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
