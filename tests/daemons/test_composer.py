@@ -301,3 +301,62 @@ def test_heartbeat_throughput_is_the_working_rate(tree, relay):
     composer._heartbeat()
     (rate,) = tree.query(select(ComposerHeartbeat.throughput))[0]
     assert rate == pytest.approx(busy_rate)
+
+
+def test_full_disk_under_the_journal_loses_and_repeats_nothing(tmp_path, content_server,
+                                                               mount_tmpfs):
+    """The journal's disk fills mid-batch: the composer stops with an error (it never hands
+    off mail it cannot journal), and once space is freed a restart sends nobody a second
+    copy; the window whose outcomes could not be written is reported unknown."""
+    from connectd.spool import SpoolError
+
+    disk = mount_tmpfs("1m")
+    handler = Relay()
+    filled = threading.Event()
+
+    async def fill_after_ten(server, session, envelope):  # the disk fills while mail flows
+        reply = await Relay.handle_DATA(handler, server, session, envelope)
+        if len(handler.messages) == 10 and not filled.is_set():
+            filled.set()
+            with open(disk / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 65536)
+                        f.flush()
+                except OSError:
+                    pass
+        return reply
+
+    handler.handle_DATA = fill_after_ten  # type: ignore[method-assign]
+    port = free_port()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        t = Tree(tmp_path, port, content_server[0])
+        streams = t.settings.paths.spool / "streams"
+        streams.mkdir(parents=True, exist_ok=True)
+        streams.rmdir()
+        (disk / "streams").mkdir()
+        streams.symlink_to(disk / "streams")  # the journal lives on the small disk
+        n = 30
+        seed_outbound(t.url, n, html_url=f"{t.content_base}/page.html")
+        with pytest.raises(SpoolError):
+            Composer(t.settings, instance=1).run_until_idle()
+        stopped_at = len(handler.messages)
+        assert 10 <= stopped_at <= 10 + t.settings.composer.window
+        (disk / "filler").unlink()
+        Composer(t.settings, instance=1).run_until_idle()
+        received = Counter(r for _, r, _ in handler.messages)
+        assert max(received.values()) == 1  # nobody twice
+        got = {int(r[1:].split("@")[0]) for r in received}
+        statuses = dict(t.query(select(Target.customer_id, Target.status)))
+        journalled = [r["customer"] for r in t.records("composer.sent.1")]
+        assert len(journalled) == len(set(journalled))  # no outcome twice, no torn record
+        # targets stay "sending" until the profiler applies the journal, so the restart marks
+        # every one of them unknown; the journal then says which of those were sent
+        unknown = {c for c, s in statuses.items() if s == "unknown"} - set(journalled)
+        assert 0 < len(unknown) <= t.settings.composer.window
+        assert got | unknown == set(range(1, n + 1))  # nobody skipped
+        assert set(journalled) == got - unknown
+    finally:
+        ctl.stop()
