@@ -14,7 +14,8 @@ customer 12345678, link 9 is 28 characters. VERP tokens (`sign_verp`) are lower-
 without padding, so they survive mail systems that change the case of local parts, and use only
 characters that are valid in an unquoted e-mail local part ([a-z2-7]).
 
-`kind` separates domains: "c" click, "o" open, "u" unsubscribe, "v" VERP. It is inside the MAC,
+`kind` separates domains: "c" click, "o" open, "u" unsubscribe, "v" VERP, "s" subscription
+confirmation (`sign_confirm`: the Reply-To of a double opt-in mail). It is inside the MAC,
 not on the wire, so a click token verified as an unsubscribe token fails like a forgery would.
 
 Only one encoding of a given token verifies: varints must be minimal, base64/base32 must be
@@ -42,7 +43,8 @@ MAX_FIELD = 2**64 - 1  # a varint of at most 10 bytes
 _MAX_RAW = 1 + MAX_FIELDS * 10 + MAC_LEN
 MAX_TOKEN_LEN = (_MAX_RAW * 8 + 4) // 5  # base32 is the longer encoding; anything longer is junk
 
-KINDS = {"click": "c", "open": "o", "unsubscribe": "u", "verp": "v"}
+KINDS = {"click": "c", "open": "o", "unsubscribe": "u", "verp": "v", "confirm": "s"}
+ADDRESS_HASH_BITS = 40  # enough to tell one subscriber's address from another's; short local part
 _B64_RE = re.compile(r"[A-Za-z0-9_-]*\Z")
 _URLSAFE = bytes.maketrans(b"+/", b"-_")
 _IPAD = bytes(x ^ 0x36 for x in range(256))  # RFC 2104 key pads, as translate tables
@@ -201,16 +203,11 @@ def verify_token(keys: Sequence[bytes | str], token: str, kind: str) -> tuple[in
     return _open(keys, raw, kind)
 
 
-def sign_verp(key: bytes | str, instance: int, customer: int) -> str:
-    """(instance, customer) signed for a VERP return path -> lower-case base32 local-part text."""
-    raw = _seal(key, (instance, customer), KINDS["verp"])
+def _b32(raw: bytes) -> str:
     return base64.b32encode(raw).rstrip(b"=").decode("ascii").lower()
 
 
-def verify_verp(keys: Sequence[bytes | str], localpart: str) -> tuple[int, int]:
-    """A token from `sign_verp` (any letter case) -> (instance, customer); else BadToken.
-
-    `localpart` is the token alone: the caller strips any prefix or suffix it added."""
+def _unb32(localpart: str) -> bytes:
     if not isinstance(localpart, str) or len(localpart) > MAX_TOKEN_LEN:
         raise BadToken("not a token")
     text = localpart.lower()
@@ -220,9 +217,52 @@ def verify_verp(keys: Sequence[bytes | str], localpart: str) -> tuple[int, int]:
         raw = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
     except (binascii.Error, ValueError):
         raise BadToken("not base32") from None
-    if base64.b32encode(raw).rstrip(b"=").decode("ascii").lower() != text:
+    if _b32(raw) != text:
         raise BadToken("non-canonical base32")
-    fields = _open(keys, raw, KINDS["verp"])
+    return raw
+
+
+def sign_verp(key: bytes | str, instance: int, customer: int) -> str:
+    """(instance, customer) signed for a VERP return path -> lower-case base32 local-part text."""
+    return _b32(_seal(key, (instance, customer), KINDS["verp"]))
+
+
+def verify_verp(keys: Sequence[bytes | str], localpart: str) -> tuple[int, int]:
+    """A token from `sign_verp` (any letter case) -> (instance, customer); else BadToken.
+
+    `localpart` is the token alone: the caller strips any prefix or suffix it added."""
+    fields = _open(keys, _unb32(localpart), KINDS["verp"])
     if len(fields) != 2:
         raise BadToken("not an (instance, customer) pair")
     return fields[0], fields[1]
+
+
+def address_hash(address: str) -> int:
+    """An e-mail address (any case) -> ADDRESS_HASH_BITS bits of its SHA-256: what a
+    confirmation token holds instead of the address itself (short, and says nothing)."""
+    digest = hashlib.sha256(address.strip().lower().encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") >> (64 - ADDRESS_HASH_BITS)
+
+
+def sign_confirm(key: bytes | str, address: str, customer: int | None, instance: int | None,
+                 conversation: int | None) -> str:
+    """A double opt-in request for `address` (customer, instance and conversation ids, None =
+    unknown) signed for a `confirm-<token>@<reply domain>` Reply-To -> lower-case base32 text.
+    Ids are stored plus one so that 0 can mean None."""
+    fields = (address_hash(address), *(0 if v is None else v + 1
+                                        for v in (customer, instance, conversation)))
+    return _b32(_seal(key, fields, KINDS["confirm"]))
+
+
+def verify_confirm(keys: Sequence[bytes | str], localpart: str,
+                   address: str) -> tuple[int | None, int | None, int | None]:
+    """A token from `sign_confirm` whose address is `address` (the confirming reply's sender)
+    -> (customer, instance, conversation), None where unknown; else BadToken (also when the
+    token was made for another address)."""
+    fields = _open(keys, _unb32(localpart), KINDS["confirm"])
+    if len(fields) != 4:
+        raise BadToken("not a confirmation token")
+    if fields[0] != address_hash(address):
+        raise BadToken("made for another address")
+    customer, instance, conversation = (None if v == 0 else v - 1 for v in fields[1:])
+    return customer, instance, conversation
