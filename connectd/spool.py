@@ -27,8 +27,10 @@ Rules that make it crash-safe:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import hashlib
 import itertools
 import os
 import re
@@ -43,7 +45,7 @@ from typing import Any
 
 import orjson
 
-from connectd.settings import SpoolSettings
+from connectd.settings import Settings, SpoolSettings
 
 RECORD_VERSION = 1
 SHUNT = "shunt"  # stream of records a consumer could not apply
@@ -826,3 +828,181 @@ class StreamReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# -- the inbound message store ------------------------------------------------------------
+
+
+_INBOUND_SUBDIRS = ("tmp", "new", "pending")
+_HOST_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class InboundStore:
+    """The receiver's message store: a maildir-like directory of whole messages, each file
+    holding one message's bytes exactly as received (CRLF line ends, no headers added).
+
+    Layout (root = <spool>/inbound)::
+
+        tmp/<name>        being written (a name here is never a finished message)
+        new/<name>        stored messages, complete and fsynced; mail.received names them
+        pending/<batch>   the receiver's intent journal (records of a batch being committed)
+
+    A message reaches new/ only by rename after its bytes were fsynced, so new/ never holds a
+    half-written file, even after a crash. Thread-safe: the receiver writes from a thread pool.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.new_dir = self.root / "new"
+        self.pending_dir = self.root / "pending"
+        self._counter = itertools.count(1)
+        self._counter_lock = threading.Lock()
+        self._node = os.urandom(3).hex()
+        self._host = _HOST_UNSAFE.sub("_", os.uname().nodename)[:64] or "localhost"
+
+    def create(self) -> None:
+        """Make tmp/ new/ pending/ (idempotent)."""
+        for sub in _INBOUND_SUBDIRS:
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        fsync_dir(self.root)  # the subdirectories survive a crash before the first message
+        if self.root.parent.exists():
+            fsync_dir(self.root.parent)  # and so does inbound/ itself
+
+    def new_name(self) -> str:
+        """A fresh, unique message name: time, microseconds, pid, counter, random, host."""
+        with self._counter_lock:
+            n = next(self._counter)
+        now = time.time()
+        return f"{int(now)}.{int(now % 1 * 1e6):06d}.{os.getpid():x}q{n:x}{self._node}.{self._host}"
+
+    # -- writing --------------------------------------------------------------------------
+    def write_tmp(self, data: bytes) -> tuple[str, str]:
+        """Write `data` to tmp/<new name> and fsync it; returns (name, sha256 hex). The
+        message is not stored until publish(). Raises OSError, leaving nothing behind."""
+        name = self.new_name()
+        path = self.tmp_dir / name
+        digest = hashlib.sha256(data).hexdigest()
+        try:
+            _write_synced(path, data)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return name, digest
+
+    def publish(self, names: list[str]) -> None:
+        """Move written messages from tmp/ into new/ with one directory fsync for all of them
+        (group commit). Raises OSError after removing every one of them from tmp/ and new/:
+        the caller answers 451 for all, so none may stay behind to be delivered twice."""
+        moved: list[str] = []
+        try:
+            for name in names:
+                # rename is atomic: a reader of new/ (or a crash) sees the whole message or nothing
+                os.rename(self.tmp_dir / name, self.new_dir / name)
+                moved.append(name)
+            fsync_dir(self.new_dir)  # the names in new/ survive a crash once we answer 250
+        except BaseException:
+            self.discard(names)
+            raise
+
+    def discard(self, names: list[str]) -> None:
+        """Remove messages (from tmp/ and new/) that will not be acknowledged."""
+        for name in names:
+            for d in (self.tmp_dir, self.new_dir):
+                with contextlib.suppress(OSError):
+                    (d / self._checked(name)).unlink(missing_ok=True)
+
+    def store(self, data: bytes) -> tuple[str, str]:
+        """Store one message durably: tmp/ write, fsync, rename into new/, fsync new/.
+        Returns (name, sha256 hex); raises OSError (leaving nothing in new/) on a disk failure."""
+        name, digest = self.write_tmp(data)
+        self.publish([name])
+        return name, digest
+
+    # -- reading --------------------------------------------------------------------------
+    @staticmethod
+    def _checked(name: str) -> str:
+        if (not isinstance(name, str) or not name or "/" in name or "\0" in name
+                or ".." in name or name.startswith(".")):
+            raise ValueError(f"bad inbound message name {name!r}")
+        return name
+
+    def path(self, name: str) -> Path:
+        """The stored message's file (ValueError for a name that could leave new/)."""
+        return self.new_dir / self._checked(name)
+
+    def read(self, name: str) -> bytes:
+        """The stored bytes; FileNotFoundError if the message is gone."""
+        return self.path(name).read_bytes()
+
+    def names(self) -> list[str]:
+        """The names of the stored messages in new/ (unordered)."""
+        try:
+            return [n for n in os.listdir(self.new_dir) if not n.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    def clean_tmp(self) -> int:
+        """Remove what a crashed writer left in tmp/ (never acknowledged); returns how many.
+        Only the one writer of the store may call this, before it starts writing."""
+        removed = 0
+        try:
+            entries = os.listdir(self.tmp_dir)
+        except FileNotFoundError:
+            return 0
+        for n in entries:
+            with contextlib.suppress(OSError):
+                os.unlink(self.tmp_dir / n)
+                removed += 1
+        return removed
+
+    # -- the writer's intent journal (see connectd.daemons.receiver) ------------------------
+    def write_pending(self, batch: str, data: bytes) -> None:
+        """Record what a batch is about to commit (encoded records) in pending/<batch>. Not
+        fsynced: it guards against the death of the process between the rename into new/
+        and the append of the records; a power cut keeps it as ext4/xfs order metadata."""
+        path = self.pending_dir / self._checked(batch)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def remove_pending(self, batch: str) -> None:
+        """The batch is committed (or refused): its journal entry is no longer needed. An
+        unlink lost in a crash only makes the next start check a committed batch again."""
+        (self.pending_dir / self._checked(batch)).unlink(missing_ok=True)
+
+    def pending(self) -> list[tuple[str, bytes, float]]:
+        """(batch, journal bytes, mtime) of every batch whose commit may not have finished."""
+        out = []
+        try:
+            entries = os.listdir(self.pending_dir)
+        except FileNotFoundError:
+            return []
+        for n in sorted(entries):
+            p = self.pending_dir / n
+            try:
+                out.append((n, p.read_bytes(), p.stat().st_mtime))
+            except FileNotFoundError:
+                continue
+        return out
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    # O_EXCL: a name is written once; never through a file or symlink someone else planted
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)  # the bytes are on disk before new/ names them (no empty file after a crash)
+    finally:
+        os.close(fd)
+
+
+def inbound_store(settings: Settings) -> InboundStore:
+    """The inbound store of this spool: <spool>/inbound."""
+    return InboundStore(settings.paths.spool / "inbound")
