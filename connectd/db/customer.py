@@ -120,6 +120,74 @@ class CustomerStats(CustomerBase):
     last_open_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_click_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
     last_reply_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # inbound (connectd.appliers.inbound): bounces and complaints; last_bounce_* derive from
+    # the `bounces` table; bounced_out_at is when the customer was last bounced out of every
+    # conversation (hard bounce or the soft-bounce rule): soft bounces count from then on
+    hard_bounce_count: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0")
+    complaint_count: Mapped[int] = mapped_column(
+        Integer, nullable=False, default=0, server_default="0")
+    last_bounce_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_bounce_reason: Mapped[str | None] = mapped_column(String(64))
+    bounced_out_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_complaint_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class Bounce(CustomerBase):
+    """One bounce of one customer's address (a mail.bounced record, keyed by its id, so a
+    record applied twice is one bounce). The soft-bounce rule counts these: soft ones in the
+    window, after the customer's last open, click or bounce-out."""
+
+    __tablename__ = "bounces"
+    __table_args__ = (Index("ix_bounces_customer_id_bounced_at", "customer_id", "bounced_at"),)
+
+    record_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False)
+    bounced_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    hard: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    reason: Mapped[str] = mapped_column(String(64), nullable=False, default="", server_default="")
+    status: Mapped[str | None] = mapped_column(String(16))  # DSN status, e.g. 5.1.1
+    # no foreign keys to instances: a bounce is history, kept when the campaign is deleted
+    instance_id: Mapped[int | None] = mapped_column(BigInteger)
+    message: Mapped[str] = mapped_column(String(255), nullable=False, default="", server_default="")
+
+
+class CustomerReply(CustomerBase):
+    """A customer's reply (mail.replied), in the customer's history: what came back to which
+    mail, how the processor classified and handled it."""
+
+    __tablename__ = "customer_replies"
+    __table_args__ = (
+        Index("ix_customer_replies_customer_id_replied_at", "customer_id", "replied_at"),)
+
+    record_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("customers.id", ondelete="CASCADE"), nullable=False)
+    replied_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
+    instance_id: Mapped[int | None] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # human, autoreply, ...
+    handler: Mapped[str] = mapped_column(String(64), nullable=False, default="", server_default="")
+    subject: Mapped[str] = mapped_column(String(200), nullable=False, default="", server_default="")
+    message: Mapped[str] = mapped_column(String(255), nullable=False, default="", server_default="")
+    forwarded: Mapped[bool] = mapped_column(
+        Boolean, nullable=False, default=False, server_default=false())
+
+
+class CustomerEvent(CustomerBase):
+    """A named event a reply handler fired (event.triggered): what event-triggered campaigns
+    look for, by name and time."""
+
+    __tablename__ = "customer_events"
+    __table_args__ = (Index("ix_customer_events_name_occurred_at", "name", "occurred_at"),)
+
+    record_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    customer_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("customers.id", ondelete="CASCADE"), index=True)
+    instance_id: Mapped[int | None] = mapped_column(BigInteger)
+    message: Mapped[str] = mapped_column(String(255), nullable=False, default="", server_default="")
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False)
 
 
 class CustomerInterest(CustomerBase):

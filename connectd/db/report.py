@@ -216,3 +216,58 @@ class ReportSegment(ReportBase):
     campaign_id: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)
     position: Mapped[int] = mapped_column(Integer, nullable=False)
     name: Mapped[str] = mapped_column(String(200), nullable=False)
+
+
+class InboundMessage(ReportBase):
+    """One processed inbound message (mail.processed): how the processor classified and
+    handled it. Keyed by the inbound store's name, so a message is counted once."""
+
+    __tablename__ = "inbound_messages"
+
+    message: Mapped[str] = mapped_column(String(255), primary_key=True)
+    received_id: Mapped[str] = mapped_column(String(64), nullable=False)  # mail.received id
+    processed_at: Mapped[datetime] = mapped_column(UtcDateTime, nullable=False, index=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    handler: Mapped[str] = mapped_column(String(64), nullable=False, default="",
+                                         server_default="")
+    actions: Mapped[str] = mapped_column(String(255), nullable=False, default="",
+                                         server_default="")  # comma-separated, in order
+    instance_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
+    customer_id: Mapped[int | None] = mapped_column(BigInteger)
+    context_via: Mapped[str | None] = mapped_column(String(16))
+    hard: Mapped[bool | None] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str | None] = mapped_column(String(16))
+    recipients: Mapped[int] = mapped_column(Integer, nullable=False, default=0,
+                                            server_default="0")  # bounced addresses
+    errors: Mapped[int] = mapped_column(Integer, nullable=False, default=0,
+                                        server_default="0")  # actions that failed
+
+
+class InboundTotal(ReportBase):
+    """Processed inbound messages per message instance (0: no context found), kind and
+    handler ("" when none accepted it); `hard`/`soft` split the bounces."""
+
+    __tablename__ = "inbound_totals"
+
+    instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    handler: Mapped[str] = mapped_column(String(64), primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    hard: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    soft: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    first_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class TriggerCount(ReportBase):
+    """Named events reply handlers fired (event.triggered), per name and message instance
+    (0: none)."""
+
+    __tablename__ = "trigger_counts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    total: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0, server_default="0")
+    first_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    last_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

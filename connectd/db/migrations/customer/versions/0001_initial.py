@@ -151,9 +151,54 @@ def upgrade() -> None:
     sa.Column('last_open_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_click_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('last_reply_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('hard_bounce_count', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('complaint_count', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('last_bounce_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_bounce_reason', sa.String(length=64), nullable=True),
+    sa.Column('bounced_out_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_complaint_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_customer_stats_customer_id_customers'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('customer_id', name=op.f('pk_customer_stats'))
     )
+    op.create_table('bounces',
+    sa.Column('record_id', sa.String(length=64), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=False),
+    sa.Column('bounced_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('hard', sa.Boolean(), nullable=False),
+    sa.Column('reason', sa.String(length=64), server_default='', nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=True),
+    sa.Column('instance_id', sa.BigInteger(), nullable=True),
+    sa.Column('message', sa.String(length=255), server_default='', nullable=False),
+    sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_bounces_customer_id_customers'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('record_id', name=op.f('pk_bounces'))
+    )
+    op.create_index('ix_bounces_customer_id_bounced_at', 'bounces', ['customer_id', 'bounced_at'])
+    op.create_table('customer_replies',
+    sa.Column('record_id', sa.String(length=64), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=False),
+    sa.Column('replied_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('instance_id', sa.BigInteger(), nullable=True),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('handler', sa.String(length=64), server_default='', nullable=False),
+    sa.Column('subject', sa.String(length=200), server_default='', nullable=False),
+    sa.Column('message', sa.String(length=255), server_default='', nullable=False),
+    sa.Column('forwarded', sa.Boolean(), server_default=sa.false(), nullable=False),
+    sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_customer_replies_customer_id_customers'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('record_id', name=op.f('pk_customer_replies'))
+    )
+    op.create_index('ix_customer_replies_customer_id_replied_at', 'customer_replies', ['customer_id', 'replied_at'])
+    op.create_table('customer_events',
+    sa.Column('record_id', sa.String(length=64), nullable=False),
+    sa.Column('name', sa.String(length=64), nullable=False),
+    sa.Column('customer_id', sa.BigInteger(), nullable=True),
+    sa.Column('instance_id', sa.BigInteger(), nullable=True),
+    sa.Column('message', sa.String(length=255), server_default='', nullable=False),
+    sa.Column('occurred_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], name=op.f('fk_customer_events_customer_id_customers'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('record_id', name=op.f('pk_customer_events'))
+    )
+    op.create_index(op.f('ix_customer_events_customer_id'), 'customer_events', ['customer_id'])
+    op.create_index('ix_customer_events_name_occurred_at', 'customer_events', ['name', 'occurred_at'])
     op.create_table('subscriptions',
     sa.Column('customer_id', sa.BigInteger(), nullable=False),
     sa.Column('conversation_id', sa.BigInteger(), nullable=False),
@@ -346,6 +391,13 @@ def downgrade() -> None:
     op.drop_table('suppression_entries')
     op.drop_index('ix_subscriptions_conversation_id_status', table_name='subscriptions')
     op.drop_table('subscriptions')
+    op.drop_index('ix_customer_events_name_occurred_at', table_name='customer_events')
+    op.drop_index(op.f('ix_customer_events_customer_id'), table_name='customer_events')
+    op.drop_table('customer_events')
+    op.drop_index('ix_customer_replies_customer_id_replied_at', table_name='customer_replies')
+    op.drop_table('customer_replies')
+    op.drop_index('ix_bounces_customer_id_bounced_at', table_name='bounces')
+    op.drop_table('bounces')
     op.drop_table('customer_stats')
     op.drop_table('customer_interests')
     op.drop_index(op.f('ix_campaigns_status'), table_name='campaigns')

@@ -139,9 +139,52 @@ def upgrade() -> None:
     )
     op.create_index(op.f('ix_report_segments_campaign_id'), 'report_segments', ['campaign_id'])
 
+    op.create_table('inbound_messages',
+    sa.Column('message', sa.String(length=255), nullable=False),
+    sa.Column('received_id', sa.String(length=64), nullable=False),
+    sa.Column('processed_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('handler', sa.String(length=64), server_default='', nullable=False),
+    sa.Column('actions', sa.String(length=255), server_default='', nullable=False),
+    sa.Column('instance_id', sa.BigInteger(), nullable=True),
+    sa.Column('customer_id', sa.BigInteger(), nullable=True),
+    sa.Column('context_via', sa.String(length=16), nullable=True),
+    sa.Column('hard', sa.Boolean(), nullable=True),
+    sa.Column('reason', sa.String(length=64), nullable=True),
+    sa.Column('status', sa.String(length=16), nullable=True),
+    sa.Column('recipients', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('errors', sa.Integer(), server_default='0', nullable=False),
+    sa.PrimaryKeyConstraint('message', name=op.f('pk_inbound_messages'))
+    )
+    op.create_index(op.f('ix_inbound_messages_instance_id'), 'inbound_messages', ['instance_id'])
+    op.create_index(op.f('ix_inbound_messages_processed_at'), 'inbound_messages', ['processed_at'])
+    op.create_table('inbound_totals',
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('kind', sa.String(length=16), nullable=False),
+    sa.Column('handler', sa.String(length=64), nullable=False),
+    sa.Column('total', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('hard', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('soft', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('first_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_at', sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('instance_id', 'kind', 'handler', name=op.f('pk_inbound_totals'))
+    )
+    op.create_table('trigger_counts',
+    sa.Column('name', sa.String(length=64), nullable=False),
+    sa.Column('instance_id', sa.BigInteger(), nullable=False),
+    sa.Column('total', sa.BigInteger(), server_default='0', nullable=False),
+    sa.Column('first_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_at', sa.DateTime(timezone=True), nullable=True),
+    sa.PrimaryKeyConstraint('name', 'instance_id', name=op.f('pk_trigger_counts'))
+    )
 
 def downgrade() -> None:
     """Downgrade schema."""
+    op.drop_table('trigger_counts')
+    op.drop_table('inbound_totals')
+    op.drop_index(op.f('ix_inbound_messages_processed_at'), table_name='inbound_messages')
+    op.drop_index(op.f('ix_inbound_messages_instance_id'), table_name='inbound_messages')
+    op.drop_table('inbound_messages')
     op.drop_index(op.f('ix_report_segments_campaign_id'), table_name='report_segments')
     op.drop_table('report_segments')
     op.drop_index(op.f('ix_report_instances_campaign_name'), table_name='report_instances')
