@@ -1,0 +1,459 @@
+"""The receiver (MR): the reply domain's SMTP server. It stores every message it accepts
+durably, logs it, and never relays.
+
+Inputs: SMTP on settings.receiver.host:port, for receiver.domain and receiver.domains only.
+Outputs: one file per message in the inbound store (<spool>/inbound/new/, connectd.spool.
+InboundStore: the bytes exactly as received, CRLF, no header added) and one `mail.received`
+record (connectd.records.MailReceived: file name, size, sha256, envelope, peer, HELO) per
+message on the stream `receiver.events`; one log line per message (size, recipient count,
+name; never the body).
+
+What it accepts (checked at RCPT, before any data is sent):
+- a domain other than ours: 550 5.7.1 (no relaying, ever);
+- local parts (case-insensitive): receiver.mailboxes, `postmaster` always (RFC 5321), and the
+  signed ones: `b-<token>` and `unsubscribe-<token>` when the token verifies with a VERP key
+  (the composer writes them), `confirm-<base32>` (the processor checks that token, against the
+  sender); anything else 550 5.1.1;
+- SIZE (RFC 1870) is advertised as receiver.max_size; larger is refused with 552, both when
+  MAIL FROM announces it and when the data runs past it;
+- STARTTLS is offered when receiver.tls_cert and tls_key are set.
+The message is never parsed here: the processor does that from the store.
+
+Durability and the answer. A message is answered 250 only when its file is fsynced under new/
+AND its mail.received record is fsynced in receiver.events; when either fails the answer is
+451 4.3.0 and nothing was acknowledged. The steps, per message and per batch:
+
+1. DATA (thread pool): write tmp/<name>, fsync it.                       [per message]
+2. The committer thread takes every message ready (group commit: one batch, however many
+   sessions are waiting) and, for the batch:
+   a. writes the batch's encoded records to pending/<batch> (the intent journal; no fsync),
+   b. renames each file into new/, fsyncs new/ once,
+   c. appends the records with one write, fdatasyncs the stream once,
+   d. unlinks pending/<batch>, and answers 250 to every session of the batch.
+The file is in new/ before its record can be read, so the processor never sees a record
+whose message is not there yet.
+
+What a crash leaves, and what the next start (reconcile(), before the port opens) does:
+- killed in 1 or 2a: files in tmp/ only; none was acknowledged; tmp/ is emptied.
+- killed in 2b/2c: files in new/ whose records may be missing (or partly written: a torn
+  line is never read as a record). pending/<batch> holds the records: every one whose file
+  is in new/ and whose id is not in the stream is appended (same id, so exactly one record
+  per file), then the journal entry is removed. Those messages were never acknowledged; they
+  are kept rather than dropped, so a sender that does not retry loses nothing; one that does
+  retry gives the processor a second copy of an unacknowledged message, never of one it
+  answered 250.
+- killed after 2c: the batch is complete; its journal entry, if still there, finds every id
+  in the stream and is removed.
+- a failure (not a crash) in 2c after some bytes reached the stream: the files stay (their
+  records may be readable), the journal stays for the next start, the answer is 451.
+- power loss: everything acknowledged was fsynced. The journal is not fsynced (it costs a
+  third fsync per batch); ext4 and xfs order its creation before the renames that follow it,
+  so a rename that survived has its journal entry too.
+The id search reads only the stream segments modified since the oldest journal entry.
+
+aiosmtpd's Controller runs the server in its own thread and event loop; the daemon's loop has
+nothing to poll (step() returns 0) and only waits for signals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import queue
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from connectd.core.tokens import MAX_TOKEN_LEN, BadToken, verify_verp
+from connectd.daemon import Daemon, DaemonFailed
+from connectd.secrets import SecretsError, load_secrets
+from connectd.settings import Settings, SettingsError
+from connectd.spool import (
+    BadRecord,
+    InboundStore,
+    Spool,
+    SpoolError,
+    StreamLocked,
+    StreamWriter,
+    decode,
+    encode,
+    inbound_store,
+    make_record,
+)
+
+STREAM = "receiver.events"
+RECORD = "mail.received"
+MAX_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8: a server must take at least 100 per message
+MAX_BATCH = 512  # messages per group commit, at most
+_CONFIRM = re.compile(r"confirm-[a-z2-7]+\Z")
+_SIGNED_PREFIXES = ("b-", "unsubscribe-")  # VERP-signed local parts (the composer's)
+# Reconcile: segments modified this long before the oldest journal entry are searched too
+# (file times are coarse, and written from another clock read than ours).
+_MTIME_SLACK = 5.0
+
+REFUSED_RELAY = "550 5.7.1 Relaying denied: this server only takes mail for its own domains"
+REFUSED_USER = "550 5.1.1 No such mailbox here"
+REFUSED_SYNTAX = "550 5.1.3 Bad recipient address syntax"
+TOO_MANY = "452 4.5.3 Too many recipients"
+NOT_STORED = "451 4.3.0 Could not store the message, try again later"
+
+
+class RecipientPolicy:
+    """Which envelope recipients this receiver takes: pure, no I/O (one HMAC for a signed one)."""
+
+    def __init__(self, domains: Iterable[str], mailboxes: Iterable[str],
+                 verp_keys: Sequence[str]) -> None:
+        self.domains = frozenset(d.lower().rstrip(".") for d in domains if d)
+        self.mailboxes = frozenset(m.lower() for m in mailboxes) | {"postmaster"}
+        self.verp_keys = tuple(verp_keys)
+
+    def check(self, address: str) -> str | None:
+        """None when `address` is ours and known; else the SMTP reply that refuses it."""
+        local, at, domain = address.rpartition("@")
+        if not at:
+            # RFC 5321 4.5.1: "Postmaster" without a domain must be accepted
+            return None if address.lower() == "postmaster" else REFUSED_SYNTAX
+        if domain.lower().rstrip(".") not in self.domains:
+            return REFUSED_RELAY
+        return None if self.known_local_part(local) else REFUSED_USER
+
+    def known_local_part(self, local: str) -> bool:
+        lower = local.lower()
+        if lower in self.mailboxes:
+            return True
+        for prefix in _SIGNED_PREFIXES:
+            if lower.startswith(prefix):
+                try:
+                    verify_verp(self.verp_keys, local[len(prefix):])
+                except BadToken:
+                    return False
+                return True
+        # confirm tokens bind the subscriber's address: the processor verifies them
+        return len(lower) <= len("confirm-") + MAX_TOKEN_LEN and bool(_CONFIRM.match(lower))
+
+
+@dataclass
+class _Pending:
+    """One message between its fsync in tmp/ and its answer."""
+
+    name: str
+    fields: dict[str, Any]
+    future: concurrent.futures.Future[dict[str, Any]] = field(
+        default_factory=concurrent.futures.Future)
+
+
+class Committer:
+    """The one thread that publishes messages and appends their records (one writer per
+    stream), a whole batch per pair of fsyncs: every session waiting when a commit starts
+    shares the next one (group commit)."""
+
+    def __init__(self, store: InboundStore, writer: StreamWriter, log: Any) -> None:
+        self.store = store
+        self.writer = writer
+        self.log = log
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="receiver-commit", daemon=True)
+        self.batches = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Commit what is queued, then end the thread."""
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def submit(self, name: str, fields: dict[str, Any]) -> concurrent.futures.Future[dict[str, Any]]:
+        """Queue a message written to tmp/; the future gives its record once it is durable,
+        or the OSError/SpoolError that kept it from being stored."""
+        item = _Pending(name, fields)
+        self._queue.put(item)
+        return item.future
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self.commit(batch)
+            if stop:
+                return
+
+    def commit(self, batch: list[_Pending]) -> None:
+        """Publish the batch and append its records; resolve each future."""
+        try:
+            recs = [make_record(RECORD, item.fields) for item in batch]
+            self._commit(batch, recs)
+        except (OSError, SpoolError) as exc:
+            for item in batch:
+                item.future.set_exception(exc)
+            self.log.warning("batch not stored", messages=len(batch), error=str(exc))
+            return
+        except BaseException as exc:  # a bug: fail the sessions (451) rather than hang them
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(exc)
+            raise
+        self.batches += 1
+        for item, rec in zip(batch, recs, strict=True):
+            item.future.set_result(rec)
+
+    def _commit(self, batch: list[_Pending], recs: list[dict[str, Any]]) -> None:
+        names = [item.name for item in batch]
+        data = b"".join(encode(r) for r in recs)
+        journal = recs[0]["id"]  # unique: a record id
+        try:
+            # the records, in case we die after the renames and before the append
+            self.store.write_pending(journal, data)
+        except OSError:
+            self.store.discard(names)
+            with contextlib.suppress(OSError):
+                self.store.remove_pending(journal)
+            raise
+        try:
+            self.store.publish(names)  # removes them all again if it fails
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.store.remove_pending(journal)
+            raise
+        before = self.writer.position
+        try:
+            self.writer.write_lines(data, sync=True)
+        except (OSError, SpoolError):
+            after = self.writer.position
+            if after == before or after.offset == 0:
+                # nothing of the batch reached the stream: take the files back, all 451
+                self.store.discard(names)
+                with contextlib.suppress(OSError):
+                    self.store.remove_pending(journal)
+            # else some records may be readable: the files stay for them, and the journal
+            # stays for the next start to append whatever is missing
+            raise
+        with contextlib.suppress(OSError):
+            self.store.remove_pending(journal)
+
+
+def reconcile(store: InboundStore, spool: Spool, writer: StreamWriter) -> int:
+    """At start, before the port opens: finish what a killed receiver left (see the module
+    docstring). Returns how many records it appended."""
+    pending = store.pending()
+    appended = 0
+    if pending:
+        since = min(mtime for _, _, mtime in pending) - _MTIME_SLACK
+        seen = _ids_in_stream(spool, since)
+        missing: list[bytes] = []
+        for _, data, _ in pending:
+            for line in data.split(b"\n"):
+                rec = _decode_or_none(line)
+                if rec is None or rec["id"] in seen or not _stored(store, rec.get("message")):
+                    continue
+                missing.append(line + b"\n")
+                seen.add(rec["id"])
+        if missing:
+            writer.write_lines(b"".join(missing), sync=True)  # durable before the journal goes
+            appended = len(missing)
+        for batch, _, _ in pending:
+            store.remove_pending(batch)
+    store.clean_tmp()  # never acknowledged: their senders will retry
+    return appended
+
+
+def _decode_or_none(line: bytes) -> dict[str, Any] | None:
+    if not line:
+        return None
+    try:
+        return decode(line)
+    except BadRecord:
+        return None  # a journal line cut by the crash: its batch never reached new/
+
+
+def _stored(store: InboundStore, name: Any) -> bool:
+    try:
+        return isinstance(name, str) and store.path(name).exists()
+    except ValueError:
+        return False
+
+
+def _ids_in_stream(spool: Spool, since: float) -> set[str]:
+    """Record ids in the segments of the receiver stream modified at or after `since`."""
+    ids: set[str] = set()
+    for seg in spool.segments(STREAM):
+        if seg.mtime < since:
+            continue
+        with open(seg.path, "rb") as fh:
+            for line in fh:
+                if line.endswith(b"\n"):
+                    rec = _decode_or_none(line[:-1])
+                    if rec is not None:
+                        ids.add(rec["id"])
+    return ids
+
+
+class ReceiverHandler:
+    """aiosmtpd handler: RCPT checks the recipient, DATA stores the message, then answers."""
+
+    def __init__(self, policy: RecipientPolicy, store: InboundStore, committer: Committer,
+                 pool: concurrent.futures.Executor, log: Any) -> None:
+        self.policy = policy
+        self.store = store
+        self.committer = committer
+        self.pool = pool
+        self.log = log
+        self.hostname = socket.gethostname()
+        self.write = store.write_tmp  # the write step (a test may swap in a failing one)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
+                          rcpt_options: list[str]) -> str:
+        refused = self.policy.check(address)
+        if refused:
+            self.log.info("recipient refused", reply=refused[:9], peer=_peer(session))
+            return refused
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return TOO_MANY
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        content = envelope.original_content or envelope.content or b""
+        if isinstance(content, str):  # only if someone turns decode_data on
+            content = content.encode("utf-8", "surrogateescape")
+        loop = asyncio.get_running_loop()
+        try:
+            # fsync blocks: in a thread, so one slow disk write does not stall other sessions
+            name, digest = await loop.run_in_executor(self.pool, self.write, content)
+            rec = await asyncio.wrap_future(
+                self.committer.submit(name, self._fields(name, digest, content, session, envelope)))
+        except (OSError, SpoolError) as exc:
+            self.log.warning("message not stored", size=len(content),
+                             recipients=len(envelope.rcpt_tos), error=str(exc))
+            return NOT_STORED
+        self.log.info("message received", size=len(content), recipients=len(envelope.rcpt_tos),
+                      message=name, id=rec["id"])
+        return f"250 2.0.0 Ok: stored as {name}"
+
+    def _fields(self, name: str, digest: str, content: bytes, session: Any,
+                envelope: Any) -> dict[str, Any]:
+        sender = envelope.mail_from or ""
+        if sender == "<>":  # aiosmtpd spells the null sender (a bounce's) <>
+            sender = ""
+        return {"message": name, "size": len(content), "sha256": digest, "mail_from": sender,
+                "rcpt": list(envelope.rcpt_tos), "peer": _peer(session),
+                "helo": session.host_name or "", "receiver": self.hostname}
+
+
+def _peer(session: Any) -> str:
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The STARTTLS context, or None when no certificate is configured (SettingsError when
+    only half is, or the files do not load)."""
+    r = settings.receiver
+    if r.tls_cert is None and r.tls_key is None:
+        return None
+    if r.tls_cert is None or r.tls_key is None:
+        raise SettingsError("receiver.tls_cert and receiver.tls_key must be set together")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(r.tls_cert, r.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(f"receiver TLS certificate {r.tls_cert} / key {r.tls_key}: {exc}") from None
+    return ctx
+
+
+class Receiver(Daemon):
+    name = "receiver"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        r = settings.receiver
+        try:
+            secrets = load_secrets(settings.paths.secrets)  # a missing key file is a config error
+        except SecretsError as exc:
+            raise SettingsError(str(exc)) from None
+        self.policy = RecipientPolicy((r.domain, *r.domains), r.mailboxes, secrets.verp_keys)
+        self.tls = tls_context(settings)
+        self.spool = Spool(settings.paths.spool, settings.spool)
+        self.store = inbound_store(settings)
+        self.writer: StreamWriter | None = None
+        self.committer: Committer | None = None
+        self.handler: ReceiverHandler | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._controller: Controller | None = None
+
+    def setup(self) -> None:
+        r = self.settings.receiver
+        self.spool.create()
+        self.store.create()
+        try:
+            # the stream's lock is also the store's: one receiver per spool
+            # durability "none": the committer fsyncs each batch itself (sync=True)
+            self.writer = self.spool.writer(STREAM, durability="none")
+        except StreamLocked as exc:
+            raise DaemonFailed(str(exc)) from None
+        appended = reconcile(self.store, self.spool, self.writer)
+        if appended:
+            self.log.warning("reconciled", records=appended)
+        self.committer = Committer(self.store, self.writer, self.log)
+        self.committer.start()
+        # enough threads that every session of a busy MX can have its fsync in flight
+        self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="receiver-write")
+        self.handler = ReceiverHandler(self.policy, self.store, self.committer, self._pool, self.log)
+        controller = Controller(
+            self.handler, hostname=r.host, port=r.port,
+            data_size_limit=r.max_size, enable_SMTPUTF8=True, decode_data=False,
+            tls_context=self.tls, require_starttls=False, timeout=r.timeout,
+            # no reverse-DNS lookup (aiosmtpd's default getfqdn() can hang without a network)
+            server_hostname=socket.gethostname(), ident="connectd receiver")
+        try:
+            controller.start()
+        except (OSError, RuntimeError) as exc:  # port taken, address not ours
+            self.teardown()  # run() calls teardown() only once setup() has succeeded
+            raise DaemonFailed(f"receiver cannot listen on {r.host}:{r.port}: {exc}") from None
+        self._controller = controller
+        self.log.info("listening", host=r.host, port=r.port, domains=sorted(self.policy.domains),
+                      starttls=self.tls is not None, store=str(self.store.root))
+
+    def step(self) -> int:
+        return 0  # the server works in its own thread; the loop only waits for signals
+
+    def periodic(self) -> None:
+        if self.writer is not None:
+            self.writer.tick()  # roll an old segment even when no mail comes
+
+    def teardown(self) -> None:
+        # stop taking mail first, then commit what sessions already handed over
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if self.committer is not None:
+            self.committer.stop()
+            self.committer = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
