@@ -1,0 +1,95 @@
+"""RFC 3464 delivery status notifications: the fields of a message/delivery-status body.
+
+Input: the text of a delivery-status part (or any text that carries DSN fields inline, as
+mislabelled reports and text bounces from Exchange and others do). Output: one `DsnRecipient`
+per per-recipient block with its address, action, status, diagnostic and remote MTA.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from connectd.core.classify.addresses import clean_address
+
+_FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9-]{1,40})[ \t]*:[ \t]*(.*)$")
+_INLINE = re.compile(r"^[ \t]*(?:Final|Original)-Recipient[ \t]*:", re.I | re.M)
+
+
+@dataclass
+class DsnRecipient:
+    address: str
+    original: str | None
+    action: str
+    status: str | None
+    diagnostic: str
+    remote_mta: str
+
+
+def _fields(block: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    last = None
+    for line in block.splitlines():
+        if line[:1] in (" ", "\t") and last is not None:
+            fields[last] += " " + line.strip()
+            continue
+        m = _FIELD.match(line.strip())
+        if m is None:
+            last = None
+            continue
+        last = m.group(1).lower()
+        if last in fields:  # a repeated field: keep the first, as RFC 3464 allows only one
+            last = None
+            continue
+        fields[last] = m.group(2).strip()
+    return fields
+
+
+def _typed_value(value: str) -> str:
+    """"rfc822; <a@b>" -> "a@b"; "smtp; 550 5.1.1 ..." -> "550 5.1.1 ..."."""
+    kind, sep, rest = value.partition(";")
+    if sep and re.fullmatch(r"[A-Za-z0-9-]{1,20}", kind.strip()):
+        return rest.strip()
+    return value.strip()
+
+
+def parse_status_text(text: str) -> list[DsnRecipient]:
+    """A delivery-status body -> its per-recipient blocks (those with a recipient address)."""
+    out: list[DsnRecipient] = []
+    text = text.replace("\r\n", "\n")[:200_000]
+    # blocks are separated by blank lines; a recipient field starts a new block even without one
+    blocks = re.split(r"\n[ \t]*\n|(?=^[ \t]*Final-Recipient[ \t]*:)", text, flags=re.M | re.I)
+    pending_original: str | None = None
+    for block in blocks:
+        if not block or not block.strip():
+            continue
+        f = _fields(block)
+        final = f.get("final-recipient") or f.get("x-actual-recipient")
+        original = f.get("original-recipient")
+        if not final and original and not f.get("action"):
+            pending_original = original  # Original-Recipient written in a block of its own
+            continue
+        addr = clean_address(_typed_value(final or original or ""))
+        if not addr:
+            continue
+        orig = clean_address(_typed_value(original)) if original else None
+        if orig is None and pending_original:
+            orig = clean_address(_typed_value(pending_original))
+        pending_original = None
+        status_m = re.search(r"\d\.\d{1,3}\.\d{1,3}", f.get("status", ""))
+        out.append(DsnRecipient(
+            address=addr, original=orig,
+            action=f.get("action", "").lower().split(" ")[0].strip("();"),
+            status=status_m.group(0) if status_m else None,
+            diagnostic=_typed_value(f.get("diagnostic-code", "")),
+            remote_mta=_typed_value(f.get("remote-mta", ""))))
+    return out
+
+
+def find_inline(text: str) -> list[DsnRecipient]:
+    """DSN fields pasted into a text part (mislabelled reports): parse from the first one."""
+    m = _INLINE.search(text)
+    if m is None:
+        return []
+    start = text.rfind("\n\n", 0, m.start())
+    return parse_status_text(text[start + 1 if start >= 0 else 0:])
