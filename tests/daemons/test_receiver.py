@@ -1,0 +1,491 @@
+"""The receiver (MR): a real aiosmtpd server on loopback, real smtplib clients, real files in
+the inbound store and real records in receiver.events. Which recipients it takes, the size
+limit, STARTTLS, and that 250 means "on disk" (failing disks answer 451 and keep nothing)."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import smtplib
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import msgspec
+import pytest
+import structlog
+from conftest import write_config
+
+from connectd import settings as settings_mod
+from connectd import spool as sp
+from connectd.core.tokens import sign_verp
+from connectd.daemon import DaemonFailed
+from connectd.daemons.receiver import STREAM, Receiver, reconcile
+from connectd.records import MailReceived
+from connectd.secrets import create_secrets, load_secrets, new_key
+from connectd.spool import InboundStore, Spool, SpoolError, encode, make_record
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def receiver_settings(root: Path, extra: str = "") -> settings_mod.Settings:
+    cfg = write_config(root, extra=f"[receiver]\nport = {free_port()}\n{extra}")
+    s = settings_mod.load(cfg, environ={})
+    create_secrets(s.paths.secrets)
+    return s
+
+
+@pytest.fixture
+def start_receiver(tmp_path: Path) -> Iterator[Callable[..., Receiver]]:
+    """start_receiver(extra_toml) -> a Receiver set up on a free loopback port (torn down at
+    the end)."""
+    started: list[Receiver] = []
+
+    def start(extra: str = "") -> Receiver:
+        r = Receiver(receiver_settings(tmp_path, extra))
+        r.setup()
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.teardown()
+
+
+def client(r: Receiver) -> smtplib.SMTP:
+    return smtplib.SMTP(r.settings.receiver.host, r.settings.receiver.port, timeout=30)
+
+
+def message(subject: str, body: str = "Hello.\r\n") -> bytes:
+    return (f"From: someone@example.com\r\nTo: reply@reply.localhost\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@example.com>\r\n\r\n{body}").encode()
+
+
+def stored(r: Receiver) -> list[str]:
+    return sorted(r.store.names())
+
+
+def records(r: Receiver) -> list[MailReceived]:
+    spool = Spool(r.settings.paths.spool)
+    with spool.reader(STREAM) as rd:
+        return [msgspec.json.decode(raw, type=MailReceived) for _, rec, raw in rd.records()
+                if rec is not None]
+
+
+def lines(size: int) -> bytes:
+    """About `size` bytes of message body in 78-byte lines (SMTP limits lines to 1000)."""
+    return (b"x" * 76 + b"\r\n") * (size // 78 + 1)
+
+
+def verp(r: Receiver, instance: int = 3, customer: int = 42) -> str:
+    return sign_verp(load_secrets(r.settings.paths.secrets).verp_keys[0], instance, customer)
+
+
+def rcpt_reply(r: Receiver, address: str) -> tuple[int, bytes]:
+    with client(r) as smtp:
+        smtp.ehlo()
+        smtp.mail("someone@example.com")
+        return smtp.rcpt(address)
+
+
+# -- acceptance and the record -----------------------------------------------------------
+
+
+def test_message_and_record_exist_when_250_returns(start_receiver: Callable[..., Receiver]) -> None:
+    """When sendmail returns, the bytes are in new/ as sent and one mail.received names them."""
+    r = start_receiver()
+    raw = message("first", "line one\r\n.leading dot\r\nlast\r\n")
+    with client(r) as smtp:
+        smtp.ehlo("client.example.com")
+        refused = smtp.sendmail("bounce@example.com", ["reply@reply.localhost"], raw)
+    assert refused == {}
+    [name] = stored(r)
+    assert r.store.read(name) == raw  # CRLF kept, dot-unstuffed, no header added
+    [rec] = records(r)
+    assert rec.message == name and rec.size == len(raw)
+    assert rec.sha256 == hashlib.sha256(raw).hexdigest()
+    assert rec.mail_from == "bounce@example.com" and rec.rcpt == ["reply@reply.localhost"]
+    assert rec.peer == "127.0.0.1" and rec.helo == "client.example.com"
+
+
+def test_null_sender_recorded_as_empty(start_receiver: Callable[..., Receiver]) -> None:
+    """A bounce's null sender <> is recorded as mail_from ""."""
+    r = start_receiver()
+    with client(r) as smtp:
+        smtp.sendmail("<>", [f"b-{verp(r)}@reply.localhost"], message("dsn"))
+    [rec] = records(r)
+    assert rec.mail_from == ""
+
+
+def test_eight_bit_bytes_kept(start_receiver: Callable[..., Receiver]) -> None:
+    """Non-UTF-8 8-bit bytes are stored untouched (the message is never decoded)."""
+    r = start_receiver()
+    raw = b"Subject: caf\xe9\r\n\r\n\xff\xfe latin-1 \xe9\r\n"
+    with client(r) as smtp:
+        smtp.sendmail("a@example.com", ["reply@reply.localhost"], raw, mail_options=["BODY=8BITMIME"])
+    [name] = stored(r)
+    assert r.store.read(name) == raw
+
+
+# -- recipients ---------------------------------------------------------------------------
+
+
+def test_relaying_refused(start_receiver: Callable[..., Receiver]) -> None:
+    """Mail for another domain is refused at RCPT with 550 5.7.1 and nothing is stored."""
+    r = start_receiver()
+    assert rcpt_reply(r, "victim@example.com")[0] == 550
+    assert rcpt_reply(r, "victim@example.com")[1].startswith(b"5.7.1")
+    assert rcpt_reply(r, "postmaster@example.com")[0] == 550  # not even another's postmaster
+    with client(r) as smtp, pytest.raises(smtplib.SMTPRecipientsRefused):
+        smtp.sendmail("a@example.com", ["victim@example.com"], message("relay"))
+    assert stored(r) == [] and records(r) == []
+
+
+def test_unknown_local_part_refused(start_receiver: Callable[..., Receiver]) -> None:
+    """A local part that is neither a mailbox nor signed is refused with 550 5.1.1."""
+    r = start_receiver()
+    code, text = rcpt_reply(r, "nobody@reply.localhost")
+    assert (code, text[:5]) == (550, b"5.1.1")
+
+
+@pytest.mark.parametrize("local", ["reply", "REPLY", "Subscribe", "unsubscribe", "abuse"])
+def test_configured_mailboxes_accepted(start_receiver: Callable[..., Receiver], local: str) -> None:
+    """receiver.mailboxes are accepted whatever their letter case."""
+    r = start_receiver()
+    assert rcpt_reply(r, f"{local}@reply.localhost")[0] == 250
+
+
+@pytest.mark.parametrize("address", ["postmaster@reply.localhost", "PostMaster@REPLY.localhost",
+                                     "Postmaster"])
+def test_postmaster_always_accepted(start_receiver: Callable[..., Receiver], address: str) -> None:
+    """postmaster is accepted even when receiver.mailboxes leaves it out (RFC 5321)."""
+    r = start_receiver('mailboxes = ["reply"]\n')
+    assert rcpt_reply(r, address)[0] == 250
+
+
+def test_extra_domains_accepted(start_receiver: Callable[..., Receiver]) -> None:
+    """receiver.domains are ours too, in any letter case."""
+    r = start_receiver('domains = ["bounces.example.org"]\n')
+    assert rcpt_reply(r, "reply@Bounces.Example.Org")[0] == 250
+    assert rcpt_reply(r, "reply@example.org")[0] == 550
+
+
+@pytest.mark.parametrize("prefix", ["b-", "unsubscribe-", "B-"])
+def test_signed_verp_accepted(start_receiver: Callable[..., Receiver], prefix: str) -> None:
+    """b-<token> and unsubscribe-<token> with a token signed by our VERP key are accepted."""
+    r = start_receiver()
+    assert rcpt_reply(r, f"{prefix}{verp(r)}@reply.localhost")[0] == 250
+    assert rcpt_reply(r, f"{prefix}{verp(r).upper()}@reply.localhost")[0] == 250
+
+
+def test_forged_verp_token_refused(start_receiver: Callable[..., Receiver]) -> None:
+    """A VERP token signed with another key, garbled, or cut short is refused with 550 5.1.1."""
+    r = start_receiver()
+    good = verp(r)
+    forged = sign_verp(new_key(), 3, 42)
+    flipped = good[:-1] + ("a" if good[-1] != "a" else "b")
+    for token in (forged, flipped, good[:-3], "", "0000", good + "a"):
+        for prefix in ("b-", "unsubscribe-"):
+            code, text = rcpt_reply(r, f"{prefix}{token}@reply.localhost")
+            assert (code, text[:5]) == (550, b"5.1.1"), (prefix, token)
+
+
+def test_confirm_tokens_accepted_when_well_formed(start_receiver: Callable[..., Receiver]) -> None:
+    """confirm-<base32> is accepted (the processor verifies it); other confirm- parts are not."""
+    r = start_receiver()
+    assert rcpt_reply(r, "confirm-abcdefgh234567@reply.localhost")[0] == 250
+    assert rcpt_reply(r, "confirm-@reply.localhost")[0] == 550
+    assert rcpt_reply(r, "confirm-abc!1@reply.localhost")[0] == 550
+    assert rcpt_reply(r, "confirm-" + "a" * 300 + "@reply.localhost")[0] == 550
+
+
+def test_mixed_recipients_keep_the_good_ones(start_receiver: Callable[..., Receiver]) -> None:
+    """With one good and one refused recipient, the message is stored for the good one only."""
+    r = start_receiver()
+    with client(r) as smtp:
+        refused = smtp.sendmail("a@example.com", ["reply@reply.localhost", "x@example.com"],
+                                message("mixed"))
+    assert list(refused) == ["x@example.com"]
+    [rec] = records(r)
+    assert rec.rcpt == ["reply@reply.localhost"]
+
+
+# -- size ----------------------------------------------------------------------------------
+
+
+def test_size_advertised(start_receiver: Callable[..., Receiver]) -> None:
+    """EHLO advertises SIZE with receiver.max_size."""
+    r = start_receiver("max_size = 10000\n")
+    with client(r) as smtp:
+        smtp.ehlo()
+        assert smtp.esmtp_features["size"] == "10000"
+
+
+def test_oversize_announced_refused(start_receiver: Callable[..., Receiver]) -> None:
+    """MAIL FROM with SIZE= past the limit is refused with 552, before any data."""
+    r = start_receiver("max_size = 10000\n")
+    with client(r) as smtp:
+        smtp.ehlo()
+        code, _ = smtp.mail("a@example.com", ["SIZE=10001"])
+        assert code == 552
+        with pytest.raises(smtplib.SMTPSenderRefused) as exc:
+            smtp.sendmail("a@example.com", ["reply@reply.localhost"], b"x" * 20000)
+        assert exc.value.smtp_code == 552
+    assert stored(r) == [] and records(r) == []
+
+
+def test_oversize_data_refused(start_receiver: Callable[..., Receiver]) -> None:
+    """Data that runs past the limit without a SIZE= announcement is refused with 552."""
+    r = start_receiver("max_size = 10000\n")
+    with client(r) as smtp:
+        smtp.ehlo()
+        assert smtp.mail("a@example.com")[0] == 250  # no SIZE= given
+        assert smtp.rcpt("reply@reply.localhost")[0] == 250
+        code, _ = smtp.data(b"Subject: big\r\n\r\n" + lines(20000))
+        assert code == 552
+    assert stored(r) == [] and records(r) == []
+
+
+# -- 250 only once on disk ------------------------------------------------------------------
+
+
+def test_write_failure_answers_451(start_receiver: Callable[..., Receiver]) -> None:
+    """When the message cannot be written (fsync fails), the answer is 451 and nothing stays."""
+    r = start_receiver()
+
+    def broken(data: bytes) -> tuple[str, str]:
+        raise OSError(5, "Input/output error")
+
+    r.handler.write = broken  # type: ignore[union-attr]
+    with client(r) as smtp, pytest.raises(smtplib.SMTPDataError) as exc:
+        smtp.sendmail("a@example.com", ["reply@reply.localhost"], message("lost"))
+    assert exc.value.smtp_code == 451
+    assert stored(r) == [] and records(r) == []
+    assert os.listdir(r.store.tmp_dir) == []
+
+
+def test_publish_failure_answers_451(start_receiver: Callable[..., Receiver],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the rename into new/ fails, the answer is 451: nothing in new/, no record."""
+    r = start_receiver()
+
+    def broken(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sp.os, "rename", broken)
+    with client(r) as smtp, pytest.raises(smtplib.SMTPDataError) as exc:
+        smtp.sendmail("a@example.com", ["reply@reply.localhost"], message("lost"))
+    assert exc.value.smtp_code == 451
+    monkeypatch.undo()
+    assert stored(r) == [] and records(r) == []
+    assert os.listdir(r.store.tmp_dir) == [] and os.listdir(r.store.pending_dir) == []
+
+
+def test_record_failure_answers_451(start_receiver: Callable[..., Receiver],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the record cannot be appended, the answer is 451 and the file is taken back out."""
+    r = start_receiver()
+
+    def broken(data: bytes, *, sync: bool = False) -> None:
+        raise SpoolError("stream 'receiver.events': disk full; record not written")
+
+    monkeypatch.setattr(r.writer, "write_lines", broken)
+    with client(r) as smtp, pytest.raises(smtplib.SMTPDataError) as exc:
+        smtp.sendmail("a@example.com", ["reply@reply.localhost"], message("lost"))
+    assert exc.value.smtp_code == 451
+    monkeypatch.undo()
+    assert stored(r) == [] and records(r) == []
+    # and the next message goes through: the failure left nothing wedged
+    with client(r) as smtp:
+        assert smtp.sendmail("a@example.com", ["reply@reply.localhost"], message("ok")) == {}
+    assert len(stored(r)) == 1 and len(records(r)) == 1
+
+
+def test_full_disk_answers_451(tmp_path: Path, mount_tmpfs: Callable[..., Path]) -> None:
+    """With the spool on a full filesystem, a message is answered 451 and new/ stays empty."""
+    s = receiver_settings(tmp_path, "max_size = 10000000\n")
+    small = mount_tmpfs("256k")
+    s = settings_mod.Settings(**{**s.__dict__,
+                                 "paths": settings_mod.PathsSettings(**{**s.paths.__dict__,
+                                                                        "spool": small})})
+    r = Receiver(s)
+    r.setup()
+    try:
+        with client(r) as smtp, pytest.raises(smtplib.SMTPDataError) as exc:
+            smtp.sendmail("a@example.com", ["reply@reply.localhost"], lines(600_000))
+        assert exc.value.smtp_code == 451
+        assert stored(r) == [] and records(r) == []
+        with client(r) as smtp:  # a message that fits still goes through
+            assert smtp.sendmail("a@example.com", ["reply@reply.localhost"], message("fits")) == {}
+        assert len(stored(r)) == 1 and len(records(r)) == 1
+    finally:
+        r.teardown()
+
+
+# -- concurrency, start, logs -------------------------------------------------------------
+
+
+def test_concurrent_sessions_each_stored_once(start_receiver: Callable[..., Receiver]) -> None:
+    """20 sessions sending at once: every message has its file and exactly one record."""
+    r = start_receiver()
+    errors: list[BaseException] = []
+
+    def send(i: int) -> None:
+        try:
+            with client(r) as smtp:
+                for j in range(10):
+                    smtp.sendmail("a@example.com", ["reply@reply.localhost"], message(f"m{i}-{j}"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    recs = records(r)
+    assert len(recs) == 200 and len({x.message for x in recs}) == 200
+    assert sorted(x.message for x in recs) == stored(r)
+    assert {r.store.read(x.message) for x in recs} == {message(f"m{i}-{j}")
+                                                       for i in range(20) for j in range(10)}
+
+
+def test_starttls(tmp_path: Path, start_receiver: Callable[..., Receiver]) -> None:
+    """With a certificate configured, STARTTLS is offered and a message goes through over TLS."""
+    cert, key = self_signed(tmp_path)
+    r = start_receiver(f'tls_cert = "{cert}"\ntls_key = "{key}"\n')
+    ctx = ssl.create_default_context(cafile=str(cert))
+    ctx.check_hostname = False
+    with client(r) as smtp:
+        smtp.ehlo()
+        assert smtp.has_extn("starttls")
+        smtp.starttls(context=ctx)
+        assert smtp.sock.version() is not None  # type: ignore[union-attr]
+        assert smtp.sendmail("a@example.com", ["reply@reply.localhost"], message("tls")) == {}
+    assert len(records(r)) == 1
+
+
+def test_no_starttls_without_certificate(start_receiver: Callable[..., Receiver]) -> None:
+    """Without a certificate STARTTLS is not offered."""
+    r = start_receiver()
+    with client(r) as smtp:
+        smtp.ehlo()
+        assert not smtp.has_extn("starttls")
+
+
+def test_half_tls_config_is_a_settings_error(tmp_path: Path) -> None:
+    """A certificate without its key is a configuration error (exit 78), not a crash."""
+    cert, _ = self_signed(tmp_path)
+    with pytest.raises(settings_mod.SettingsError):
+        Receiver(receiver_settings(tmp_path, f'tls_cert = "{cert}"\n'))
+
+
+def test_second_receiver_on_the_spool_fails(start_receiver: Callable[..., Receiver]) -> None:
+    """Only one receiver may write a spool's inbound store and stream."""
+    r = start_receiver()
+    other = Receiver(r.settings)
+    with pytest.raises(DaemonFailed):
+        other.setup()
+
+
+def test_one_log_line_per_message_without_body(start_receiver: Callable[..., Receiver]) -> None:
+    """Each message logs one line with its size, recipient count and name, never its body."""
+    r = start_receiver()
+    with structlog.testing.capture_logs() as logs:
+        r.handler.log = structlog.get_logger()  # type: ignore[union-attr]
+        with client(r) as smtp:
+            smtp.sendmail("a@example.com", ["reply@reply.localhost", "abuse@reply.localhost"],
+                          message("logged", "secret body words\r\n"))
+    lines = [e for e in logs if e["event"] == "message received"]
+    assert len(lines) == 1
+    assert lines[0]["recipients"] == 2 and lines[0]["message"] == stored(r)[0]
+    assert lines[0]["size"] == len(message("logged", "secret body words\r\n"))
+    assert "secret" not in repr(logs)
+
+
+# -- reconcile after a crash ----------------------------------------------------------------
+
+
+def crashed_batch(store: InboundStore, raw: bytes, *, published: bool) -> dict:
+    """What a receiver killed mid-commit leaves: a journal entry and (if published) the file."""
+    store.create()
+    name, digest = store.write_tmp(raw)
+    rec = make_record("mail.received", {"message": name, "size": len(raw), "sha256": digest,
+                                        "mail_from": "a@example.com", "rcpt": ["reply@reply.localhost"]})
+    store.write_pending(rec["id"], encode(rec))
+    if published:
+        store.publish([name])
+    return rec
+
+
+def test_reconcile_appends_the_missing_record_once(tmp_path: Path) -> None:
+    """A file in new/ whose record was never appended gets exactly one, kept across restarts."""
+    s = receiver_settings(tmp_path)
+    r = Receiver(s)
+    rec = crashed_batch(r.store, message("orphan"), published=True)
+    for _ in range(2):  # the second start must not append it again
+        r = Receiver(s)
+        r.setup()
+        r.teardown()
+    recs = records(r)
+    assert [x.id for x in recs] == [rec["id"]]
+    assert recs[0].rcpt == ["reply@reply.localhost"]
+    assert r.store.pending() == [] and os.listdir(r.store.tmp_dir) == []
+
+
+def test_reconcile_skips_records_already_written(tmp_path: Path) -> None:
+    """A batch that was appended but whose journal entry survived is not appended twice."""
+    s = receiver_settings(tmp_path)
+    r = Receiver(s)
+    rec = crashed_batch(r.store, message("done"), published=True)
+    spool = Spool(s.paths.spool)
+    spool.create()
+    with spool.writer(STREAM) as w:
+        w.write_lines(encode(rec), sync=True)
+    with spool.writer(STREAM) as w:
+        assert reconcile(r.store, spool, w) == 0
+    assert [x.id for x in records(r)] == [rec["id"]]
+
+
+def test_reconcile_drops_unpublished_messages(tmp_path: Path) -> None:
+    """A message still in tmp/ at the crash (never answered) gets no record and is removed."""
+    s = receiver_settings(tmp_path)
+    r = Receiver(s)
+    crashed_batch(r.store, message("half"), published=False)
+    r.setup()
+    r.teardown()
+    assert records(r) == [] and stored(r) == []
+    assert os.listdir(r.store.tmp_dir) == [] and r.store.pending() == []
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A throwaway self-signed certificate and key for localhost, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
