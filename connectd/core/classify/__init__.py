@@ -95,8 +95,24 @@ def classify_reply(raw: bytes, *, rcpt: Sequence[str] = (), verp_keys: Sequence[
         return Classification(kind="unknown", errors=(f"classifier: {type(exc).__name__}: {exc}",))
 
 
+def _is_report(parsed: Parsed) -> bool:
+    try:
+        return parsed.original.get_content_type() == "multipart/report"  # type: ignore[union-attr]
+    except Exception:
+        return False
+
+
+def _classify_inner(parsed: Parsed, rcpt: tuple[str, ...], verp_keys: tuple[str, ...],
+                    reply_domains: tuple[str, ...]) -> Classification | None:
+    try:
+        raw = parsed.original.as_bytes()  # type: ignore[union-attr]
+    except Exception:
+        return None
+    return _classify(raw, rcpt, verp_keys, reply_domains, depth=1)
+
+
 def _classify(raw: bytes, rcpt: tuple[str, ...], verp_keys: tuple[str, ...],
-              reply_domains: tuple[str, ...]) -> Classification:
+              reply_domains: tuple[str, ...], depth: int = 0) -> Classification:
     parsed = parse(raw)
     if parsed.msg is None:
         return Classification(kind="unknown", errors=tuple(parsed.errors))
@@ -132,12 +148,18 @@ def _classify(raw: bytes, rcpt: tuple[str, ...], verp_keys: tuple[str, ...],
             return done("delivered", reason="delivered", status=dsn_rcpts[0].status)
 
     auto = autoreply.autoreply_reason(parsed, subject, body[:4000])
-    if evidence >= 2 and not (auto and evidence < 4):
+    worded = auto is not None and auto[1]
+    if evidence >= 2 and not (worded and evidence < 4):
         per = _text_verdicts(parsed, evidence)
         if per or evidence >= 4:
             return done("bounce", **_bounce_fields(per))
+    if depth == 0 and evidence >= 2 and parsed.original is not None and _is_report(parsed):
+        # a bounce forwarded as an attachment (some gateways wrap the report): read the inner
+        inner = _classify_inner(parsed, rcpt, verp_keys, reply_domains)
+        if inner is not None and inner.kind in ("bounce", "feedback"):
+            return inner
     if auto is not None:
-        return done("autoreply", reason=auto)
+        return done("autoreply", reason=auto[0])
     if ctx.verp_kind == "unsubscribe":
         return done("unsubscribe")
     if ctx.verp_kind == "confirm":
@@ -188,10 +210,18 @@ def _dsn_recipients(parsed: Parsed, evidence: int) -> list[dsn.DsnRecipient]:
         out.extend(dsn.parse_status_text(text))
     if not out:
         out = dsn.find_inline(parsed.notification[:100000])
-    # de-duplicate by address, keeping the first block (some MTAs repeat a recipient)
+    # one entry per address: some MTAs split a recipient's fields over two blocks
     seen: dict[str, dsn.DsnRecipient] = {}
     for r in out:
-        seen.setdefault(r.address, r)
+        first = seen.get(r.address)
+        if first is None:
+            seen[r.address] = r
+            continue
+        first.action = first.action or r.action
+        first.status = first.status if first.status not in (None, "5.0.0", "4.0.0") else (
+            r.status or first.status)
+        first.diagnostic = first.diagnostic or r.diagnostic
+        first.original = first.original or r.original
     return list(seen.values())
 
 

@@ -60,8 +60,10 @@ _SUB = re.compile(
     r"|suscribirse|iscrivi|aanmelden|inschrijven|購読|订阅|подписаться)\b", re.I)
 
 
-def autoreply_reason(parsed: Parsed, subject: str, body: str) -> str | None:
-    """Why the message is an automatic answer ("vacation", "challenge", "autoreply"), or None."""
+def autoreply_reason(parsed: Parsed, subject: str, body: str) -> tuple[str, bool] | None:
+    """Why the message is an automatic answer ("vacation", "challenge", "autoreply") and
+    whether its words say so (True) or only a header does (False: bounces carry the same
+    Auto-Submitted header); None when nothing says so."""
     auto = parsed.get("Auto-Submitted").lower()
     precedence = parsed.get("Precedence").lower().strip()
     flagged = (
@@ -77,15 +79,13 @@ def autoreply_reason(parsed: Parsed, subject: str, body: str) -> str | None:
     head = body[:3000]
     if _CHALLENGE.search(subject) or _CHALLENGE.search(head):
         if flagged or precedence in ("bulk", "junk") or re.search(r"verif|confirm", subject, re.I):
-            return "challenge"
+            return "challenge", True
     if _SUBJECT.search(subject):
-        return "vacation"
+        return "vacation", True
+    if _BODY.search(head[:1500]):
+        return "vacation", True
     if flagged:
-        return "vacation" if _BODY.search(head) or not head.strip() else "autoreply"
-    if precedence in ("bulk", "junk", "list") and _BODY.search(head):
-        return "vacation"
-    if _BODY.search(head[:800]):
-        return "vacation"
+        return "autoreply", False
     return None
 
 

@@ -69,7 +69,8 @@ def parse_status_text(text: str) -> list[DsnRecipient]:
         if not final and original and not f.get("action"):
             pending_original = original  # Original-Recipient written in a block of its own
             continue
-        addr = clean_address(_typed_value(final or original or ""))
+        addr = clean_address(_typed_value(final or "")) or clean_address(
+            _typed_value(original or ""))  # an X.400 Final-Recipient has no address
         if not addr:
             continue
         orig = clean_address(_typed_value(original)) if original else None

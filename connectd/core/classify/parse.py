@@ -40,6 +40,10 @@ _HARD_SEPARATOR = re.compile(
     r"|original message follows|Message text follows|Original message header follows"
     r"|The header of the original message is following)"
     r"|Original message headers:|\*\*\* ?Message headers follow|Below is a copy of the original"
+    r"|-+ ?START OF RETURNED MESSAGE|-+ ?RETURNED MAIL FOLLOWS|A copy of the original message below"
+    r"|Your message reads \(in part\)|The first \d+ lines of your original message"
+    r"|Original message as received|A summary of the undelivered message"
+    r"|-+ ?This is a copy of your message|Message headers follow"
     r"|-+ ?Original Message ?-+)", re.I | re.M)
 _HEADERISH = re.compile(r"^(?:Received|Return-Path|From|To|Subject|Message-I[Dd]|Date):", re.M)
 

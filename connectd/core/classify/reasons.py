@@ -20,6 +20,15 @@ HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})
 # Ordered: the first matching reason wins, so the specific ones come before the broad ones
 # (a "blocked" spam listing also says "rejected"; "user unknown" beats "550 rejected").
 _PHRASES: list[tuple[str, str]] = [
+    ("rejected", r"sender address rejected|domain of sender address|sender (?:domain|address)"
+                 r" (?:does not exist|must (?:exist|resolve)|is invalid|not found|unknown)"
+                 r"|sender verify failed|sender verification failed|unverifiable sender"
+                 r"|envelope sender|invalid sender|bad sender|sender .{0,40}rejected"),
+    ("notaccept", r"does not accept (?:any )?mail|not accepting (?:any )?mail|null mx"
+                  r"|accepts no mail|no mail service|no mx found|couldn't find a mail exchanger"
+                  r"|no mail exchanger"),
+    ("networkerror", r"name service error|malformed or unexpected name server"
+                     r"|temporary (?:dns|lookup) (?:failure|error)|dns (?:server )?timeout"),
     ("hasmoved", r"has moved|user not local; please try|address (?:has )?changed to"
                  r"|no longer (?:with|at) this|moved to a new address"),
     ("mailboxfull", r"mailbox (?:is )?full|mail ?box full|over ?quota|quota (?:exceeded|exceed)"
@@ -216,6 +225,13 @@ def classify_reason(text: str, status: str | None, reply: str | None = None,
             reason = text_reason
     if reason is None:
         reason = reason_from_text(text)
+        if reason in ("userunknown", "suspend") and sub in ("2.0", "7.1", "7.0"):
+            reason = "filtered"  # the mailbox exists but refuses this mail (status says so)
+    stage = _stage(text)
+    if reason == "userunknown" and stage == "data":
+        reason = "filtered"  # an unknown user is refused at RCPT; after DATA it is a filter
+    if reason in (None, "userunknown", "hostunknown", "undefined") and stage == "mail":
+        reason = "rejected"  # refused at MAIL FROM: the sender, not the recipient
     if reason is None and sub not in _GENERIC_STATUS:
         reason = reason_from_status(status)
     if reason is None and status:
@@ -223,15 +239,24 @@ def classify_reason(text: str, status: str | None, reply: str | None = None,
     if reason is None:
         reason = default or ("expired" if (status or reply or "5").startswith("4") else "undefined")
     permanent = _permanent(status, reply)
-    if reason in HARD_REASONS:
-        hard: bool | None = True
-    elif reason == "notaccept":
-        hard = permanent is not False
-    else:
-        hard = False
-    if reason in ("userunknown", "hostunknown") and permanent is False:
-        hard = True  # sisimai: the address is bad even when the MTA only deferred
+    if reason == "hostunknown" and permanent is False:
+        reason = "networkerror"  # a DNS answer the MTA itself calls temporary
+    hard = reason in HARD_REASONS or (reason == "notaccept" and permanent is not False)
     return reason, hard
+
+
+_STAGE = re.compile(r"(?:after|in reply to|did not like our|while (?:sending|talking)"
+                    r"|>>>)\s*(?:end of |our final |the )?(MAIL FROM|RCPT TO|DATA|RCPT|MAIL)",
+                    re.I)
+
+
+def _stage(text: str) -> str | None:
+    """The SMTP command a refusal answered ("mail", "rcpt", "data"), when the MTA says."""
+    m = _STAGE.search(text or "")
+    if m is None:
+        return None
+    word = m.group(1).upper()
+    return "mail" if word.startswith("MAIL") else "rcpt" if word.startswith("RCPT") else "data"
 
 
 def _permanent(status: str | None, reply: str | None) -> bool | None:

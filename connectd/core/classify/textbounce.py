@@ -36,7 +36,8 @@ _SUBJECT = re.compile(
     r"|mail delivery (?:failed|system|subsystem)|non-?delivery|could not (?:be )?(?:deliver|send)"
     r"|delivery (?:status )?notification|warning: could not|mail system error|nondeliverable"
     r"|rejected|permanent (?:delivery )?(?:error|failure)|delayed mail|delivery delayed"
-    r"|message (?:delayed|failure|not delivered|could not)|bounce|unable to deliver|unknown user"
+    r"|message (?:delayed|failure|not delivered|could not)|bounce|delivery warning|failed mail"
+    r"|processing error|mail delivery|unable to deliver|unknown user"
     r"|user unknown|mailbox (?:full|unavailable)|over quota|failed delivery|returned|error sending"
     r"|delivery (?:to the following|notice)|nicht zustellbar|non remis|no entregado|non recapitat"
     r"|unzustellbar|onbestelbaar|配信不能|送信できませんでした|エラー|未送达|退信|退回", re.I)
@@ -49,7 +50,7 @@ _BODY = re.compile(
     r"|delivery (?:is )?delayed|has not yet been delivered|will (?:continue|retry)|giving up"
     r"|temporary failure|delivery problem|the error that the other server returned"
     r"|mail system at host|qmail-send program|mail delivery (?:failed|software)"
-    r"|rejected your message|message was rejected|delivery attempt|could not deliver"
+    r"|rejected your message|message was rejected|was rejected by|has been returned|been postponed|delivery attempt|could not deliver"
     r"|did not reach|not reach the following|failed to deliver|could not send"
     r"|SMTP error|host .{0,80} said:|remote host said|said: [45]\d\d|<[^>]+>\.\.\."
     r"|not be delivered|no se pudo entregar|nicht zugestellt|n'a pas pu être remis"
@@ -57,31 +58,43 @@ _BODY = re.compile(
 
 # An address alone on its line (the common layout), with the decorations MTAs put around it.
 _ALONE = re.compile(
-    r"^[ \t>*-]*(?:\d+\.\s*)?(?:To:\s*|Recipient:\s*|Original-Recipient:\s*|recipient:\s*)?"
-    r"(?:\"[^\"\n]{0,60}\"\s*|[^\"<>@\n]{0,60}?(?=<))?[<\[(]?(?:mailto:|SMTP:|RFC822:|rfc822;\s*)?"
-    r"(?P<addr>[^\s<>()\[\]@\"]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})[>\])]?"
+    r"^[ \t>*-]*(?:\d+\.\s*)?(?:(?:Intended |Failed |Original |Final )?Recipient(?:\(s\))?:\s*"
+    r"|[A-Za-z][\w-]{1,20}:\s*)?"
+    r"(?:\"[^\"\n@]{0,60}\"\s*|[^\"<>@\n]{0,60}?(?=<))?[<\[(\"']?(?:mailto:|SMTP:|RFC822:|rfc822;\s*)?"
+    r"(?P<addr>[^\s<>()\[\]@\"']+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})[>\])\"']?"
     r"[ \t]*(?::|\.\.\.|,|;|#|\.)?[ \t]*"
-    r"(?:\((?:expanded from|generated from|[^)]{0,80}@[^)]{0,80})[^)]*\)|\(?[^()\n]*@[^()\n]*\)?"
-    r"|on \w{3}.{0,40}|<mailto:[^>]*>|\(\d+\)|\(UNKNOWN\))?[ \t]*$", re.M | re.I)
+    r"(?:\((?:expanded from|generated from|[^)]{0,80}@[^)]{0,80})[^)]*\)?|\(?[^()\n]*@[^()\n]*\)?"
+    r"|on \w{3}.{0,40}|<mailto:[^>]*>|\(\d+\)|\(UNKNOWN\)|\(expanded from:?)?[ \t]*$", re.M | re.I)
+# An address opening its line, then the error: "<a@b>: host x said: 550 ...", "a@b: No MX".
+_LEAD = re.compile(
+    r"^[ \t>*-]*(?:<(?P<a1>[^\s<>()\[\]@\"']+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})>"
+    r"|(?P<a2>[^\s<>()\[\]@\"':]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})(?::|\.\.\.)\s)", re.I)
 # An address inside an error sentence or SMTP reply.
 _INLINE = re.compile(
-    r"(?:RCPT TO:?\s*<?|recipient:?\s*<|delivery to\s+<?|delivered to\s*:?\s*<?|message to\s+<?"
+    r"(?:RCPT TO:?\s*<?|recipients?:?\s*<?|intended recipient:?\s*<?|SMTP[=:]\s*<?"
+    r"|expanded from:?\s*<?|generated from:?\s*<?|addressed to\s*['\"<]?|local (?:user|mailbox)\s+<?"
+    r"|\bfor\s+<?|delivery to\s+<?|delivered to\s*:?\s*<?|message to\s+<?"
     r"|addressed to\s+<?|mail to\s+<?|deliver(?: your message)? to\s+<?|sent to\s+<?"
-    r"|for\s+<|failed:\s*<?|address(?:es)?:?\s+<|user\s+<|mailbox\s+<|recipient address\s+<?"
+    r"|for\s+<|failed:\s*<?|address(?:es)?:?\s+<|user\s+<|mailbox\s+<?|recipient address\s+<?"
     r"|[45]\d\d[ -](?:\d\.\d{1,3}\.\d{1,3}\s+)?<?|\bto\s+<)"
     r"(?P<addr>[^\s<>()\[\]@\"',;:]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})", re.I)
 _NOT_RCPT_LINE = re.compile(
-    r"^\s*(?:>?\s*)?(?:From|Reply-To|Return-Path|Sender|Message-ID|In-Reply-To|References"
+    r"^[ \t>*-]*(?:From|To|Cc|Bcc|Reply-To|Return-Path|Sender|Message-ID|In-Reply-To|References"
     r"|Received|X-[\w-]+|Errors-To|Envelope-From|DKIM-Signature|Authentication-Results"
     r"|Resent-From|List-[\w-]+)\s*:|MAIL FROM|envelope-from|smtp.mailfrom|header.from"
     r"|\bby\s+\S+\s+with\b|postmaster@|abuse@|(?:contact|e-?mail|write to|reach)\s+(?:the\s+)?"
-    r"(?:postmaster|administrator|helpdesk|support)|\bsent (?:by|from)\b|\bfrom\s+<", re.I)
+    r"(?:postmaster|administrator|helpdesk|support)|contact\s*:?\s*<?[^\s@<>]+@|\bsent (?:by|from)\b|\bfrom\s+<", re.I)
 _LOCAL_NEVER = re.compile(r"^(?:mailer-daemon|postmaster|mail-daemon|abuse)$", re.I)
 _ERRORISH = re.compile(
     r"\b[45]\d\d\b|\b[45]\.\d{1,3}\.\d{1,3}\b|unknown|no such|not found|does not exist"
     r"|doesn't exist|invalid|rejected|refused|denied|full|quota|disabled|failed|failure|error"
     r"|unavailable|blocked|spam|not (?:be )?delivered|undeliverable|couldn't|could not"
-    r"|unable|expired|timed? ?out|permanent|fatal|said|reason|deferred|delayed", re.I)
+    r"|unable|expired|timed? ?out|permanent|fatal|said|reason|deferred|delayed|not known"
+    r"|wrong|no longer|postponed|bounced|returned", re.I)
+_ERROR_STRICT = re.compile(
+    r"\b[45]\d\d\b|\b[45]\.\d{1,3}\.\d{1,3}\b|unknown|no such|not found|does not exist"
+    r"|doesn't exist|invalid|rejected|refused|full|quota|disabled|undeliverable|not delivered"
+    r"|not known|unavailable|\bfailed\b|failure", re.I)
 
 
 def bounce_evidence(parsed: Parsed, sender: str, from_header: str, subject: str) -> int:
@@ -104,8 +117,7 @@ def bounce_evidence(parsed: Parsed, sender: str, from_header: str, subject: str)
 def sender_side(parsed: Parsed) -> set[str]:
     """Addresses of the sender side: never bounced recipients."""
     out: set[str] = set()
-    for name in ("From", "To", "Cc", "Reply-To", "Return-Path", "Sender", "Delivered-To",
-                 "X-Original-To", "Errors-To"):
+    for name in ("From", "To", "Cc", "Reply-To", "Return-Path", "Sender", "Errors-To"):
         for value in parsed.get_all(name):
             out.update(find_addresses(value))
     orig = parsed.original
@@ -117,7 +129,7 @@ def sender_side(parsed: Parsed) -> set[str]:
                 values = []
             for value in values:
                 out.update(find_addresses(str(value)))
-    return out
+    return out - set(original_recipients(parsed))
 
 
 def original_recipients(parsed: Parsed) -> list[str]:
@@ -187,9 +199,16 @@ def text_recipients(parsed: Parsed, exclude: set[str]) -> list[tuple[str, str]]:
                 found.setdefault(addr, i)
                 strong.add(addr)
             continue
+        lm = _LEAD.match(line)
+        if lm is not None:
+            addr = (lm.group("a1") or lm.group("a2")).lower()
+            if _usable(addr, exclude):
+                found.setdefault(addr, i)
+                strong.add(addr)
         for im in _INLINE.finditer(line):
             addr = im.group("addr").lower().strip(".")
-            if _usable(addr, exclude) and _ERRORISH.search(line + " " + _next(lines, i)):
+            window = " ".join(lines[max(0, i - 1):i + 3])
+            if _usable(addr, exclude) and _ERRORISH.search(window):
                 found.setdefault(addr, i)
                 strong.add(addr)
     if not found:
@@ -197,12 +216,19 @@ def text_recipients(parsed: Parsed, exclude: set[str]) -> list[tuple[str, str]]:
         for i, line in enumerate(lines):
             if "@" not in line or _NOT_RCPT_LINE.search(line) or len(line) > 2000:
                 continue
-            if not _ERRORISH.search(line):
+            if not _ERROR_STRICT.search(line):
                 continue
             for m in ADDRESS.finditer(line):
                 addr = m.group(1).lower()
                 if _usable(addr, exclude):
                     found.setdefault(addr, i)
+    if not found:
+        # a summary of the returned message ("To: a@b") inside the report: its one recipient
+        tos = {a for line in lines if re.match(r"^[ \t>*-]*To:", line)
+               for a in find_addresses(line) if _usable(a, exclude)}
+        if len(tos) == 1:
+            addr = tos.pop()
+            found[addr] = next(i for i, line in enumerate(lines) if addr in line.lower())
     rcpt_lines = set(found.values())
     return [(addr, _diagnostic(lines, i, rcpt_lines)) for addr, i in found.items()]
 
