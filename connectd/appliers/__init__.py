@@ -28,7 +28,7 @@ Applier = Callable[[Connection, list[Any], dict[str, Any]], None]
 _APPLIERS: dict[str, dict[str, list[Applier]]] = {"customer": {}, "report": {}}
 _SCHEMAS: dict[str, type[Record]] = {}
 _MODULES = ("connectd.appliers.tracking", "connectd.appliers.engagement",
-            "connectd.appliers.outbound")
+            "connectd.appliers.outbound", "connectd.appliers.inbound")
 
 
 def applies(schema: type[Record], db: Db) -> Callable[[Applier], Applier]:

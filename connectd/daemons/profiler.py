@@ -148,9 +148,12 @@ class Profiler(Daemon):
         for stream in all_streams(self.spool, self.settings.profiler.streams):
             for db, engine in self.engines.items():
                 if (stream, db) not in self.consumers:
-                    self.consumers[(stream, db)] = Consumer(
+                    consumer = Consumer(
                         self.spool, stream, consumer_name(db), db, engine,  # type: ignore[arg-type]
                         self.settings.profiler.batch_size)
+                    # appliers' settings (the soft-bounce rule: connectd.appliers.inbound)
+                    consumer.cache["settings"] = self.settings
+                    self.consumers[(stream, db)] = consumer
         self._next_scan = time.monotonic() + self.settings.spool.poll_interval
 
     def step(self) -> int:
