@@ -9,6 +9,7 @@ ADDRESS = re.compile(
     r"(?<![\w.+=/-])([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
     r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24})(?![\w-]*@)\.?",
     re.ASCII)
+_ANGLE = re.compile(r"<([^<>\s]+@[^<>\s]+)>")
 _ONE = re.compile(r"[^@\s<>\"'()\[\],;:]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24}", re.ASCII)
 
 
@@ -17,7 +18,7 @@ def clean_address(value: str) -> str | None:
     if not value:
         return None
     value = value.strip()
-    m = re.search(r"<([^<>\s]+@[^<>\s]+)>", value)
+    m = _ANGLE.search(value)
     if m:
         value = m.group(1)
     m = _ONE.search(value)

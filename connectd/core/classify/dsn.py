@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from connectd.core.classify.addresses import clean_address
 
 _FIELD = re.compile(r"^([A-Za-z][A-Za-z0-9-]{1,40})[ \t]*:[ \t]*(.*)$")
+_KIND = re.compile(r"[A-Za-z0-9-]{1,20}")
+_BLOCKS = re.compile(r"\n[ \t]*\n|(?=^[ \t]*Final-Recipient[ \t]*:)", re.M | re.I)
+_STATUS = re.compile(r"\d\.\d{1,3}\.\d{1,3}")
 _INLINE = re.compile(r"^[ \t]*(?:Final|Original)-Recipient[ \t]*:", re.I | re.M)
 
 
@@ -48,7 +51,7 @@ def _fields(block: str) -> dict[str, str]:
 def _typed_value(value: str) -> str:
     """"rfc822; <a@b>" -> "a@b"; "smtp; 550 5.1.1 ..." -> "550 5.1.1 ..."."""
     kind, sep, rest = value.partition(";")
-    if sep and re.fullmatch(r"[A-Za-z0-9-]{1,20}", kind.strip()):
+    if sep and _KIND.fullmatch(kind.strip()):
         return rest.strip()
     return value.strip()
 
@@ -58,7 +61,7 @@ def parse_status_text(text: str) -> list[DsnRecipient]:
     out: list[DsnRecipient] = []
     text = text.replace("\r\n", "\n")[:200_000]
     # blocks are separated by blank lines; a recipient field starts a new block even without one
-    blocks = re.split(r"\n[ \t]*\n|(?=^[ \t]*Final-Recipient[ \t]*:)", text, flags=re.M | re.I)
+    blocks = _BLOCKS.split(text)
     pending_original: str | None = None
     for block in blocks:
         if not block or not block.strip():
@@ -77,7 +80,7 @@ def parse_status_text(text: str) -> list[DsnRecipient]:
         if orig is None and pending_original:
             orig = clean_address(_typed_value(pending_original))
         pending_original = None
-        status_m = re.search(r"\d\.\d{1,3}\.\d{1,3}", f.get("status", ""))
+        status_m = _STATUS.search(f.get("status", ""))
         out.append(DsnRecipient(
             address=addr, original=orig,
             action=f.get("action", "").lower().split(" ")[0].strip("();"),

@@ -268,10 +268,8 @@ def _take_original(part: Message, ctype: str, parsed: Parsed) -> None:
             inner = payload[0] if isinstance(payload, list) and payload else None
             if isinstance(inner, Message):
                 parsed.original = inner
-                try:
-                    parsed.original_text = inner.as_string()[:MAX_PART]
-                except Exception:
-                    parsed.original_text = ""
+                # its headers as text (for quoted ids); as_string() would re-fold every header
+                parsed.original_text = "\n".join(f"{k}: {v}" for k, v in inner.items()[:200])
                 return
         _set_original_text(parsed, _part_text(part, parsed))
     except Exception as exc:
