@@ -25,11 +25,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectd.core.classify import arf, autoreply, context, dsn, reasons, textbounce
+from connectd.core.classify import arf, autoreply, context, dsn, jsonnotice, reasons, textbounce
 from connectd.core.classify.addresses import clean_address, find_addresses
 from connectd.core.classify.parse import Parsed, parse
 
-__all__ = ["BouncedRecipient", "Classification", "classify_reply"]
+__all__ = ["KINDS", "BouncedRecipient", "Classification", "classify_reply"]
 
 MAX_BODY = 64 * 1024
 KINDS = ("bounce", "autoreply", "feedback", "delivered", "unsubscribe", "subscribe", "human",
@@ -137,6 +137,22 @@ def _classify(raw: bytes, rcpt: tuple[str, ...], verp_keys: tuple[str, ...],
         per = tuple(BouncedRecipient(a, None, "feedback", None) for a in addrs)
         return done("feedback", reason="feedback", feedback_type=ftype, per_recipient=per)
 
+    js = jsonnotice.notice(parsed.notification[:jsonnotice.MAX_JSON])
+    if js is not None:
+        if js.kind == "feedback":
+            per = tuple(BouncedRecipient(a, None, "feedback", None) for a, *_ in js.recipients)
+            return done("feedback", reason="feedback", feedback_type=js.feedback_type,
+                        per_recipient=per)
+        if js.kind == "delivered":
+            return done("delivered", reason="delivered")
+        verdicts = []
+        for addr, status, diag, permanent in js.recipients:
+            reason, hard = reasons.classify_reason(diag, status)
+            if permanent is False and reason in reasons.HARD_REASONS:
+                reason, hard = "expired", False
+            verdicts.append(BouncedRecipient(addr, hard, reason, status))
+        return done("bounce", **_bounce_fields(verdicts))
+
     evidence = textbounce.bounce_evidence(parsed, sender, from_header, subject)
     dsn_rcpts = _dsn_recipients(parsed, evidence)
     if dsn_rcpts:
@@ -234,7 +250,7 @@ def _failed(r: dsn.DsnRecipient) -> bool:
 
 
 def _delivered(r: dsn.DsnRecipient) -> bool:
-    return r.action in ("delivered", "relayed", "expanded") or bool(
+    return r.action in ("delivered", "relayed", "expanded", "deliverable") or bool(
         r.status and r.status[0] == "2" and not r.action)
 
 

@@ -19,6 +19,12 @@ _FIELD = re.compile(r"^(Original-Rcpt-To|Removal-Recipient|Original-Recipient)[ 
 def feedback(parsed: Parsed) -> tuple[str, list[str]] | None:
     """The feedback type and complaining addresses of an ARF report, else None."""
     text = parsed.feedback
+    hotmail = _hotmail(parsed)
+    if hotmail is not None:
+        return hotmail
+    apple = _APPLE.search(parsed.notification[:2000])
+    if apple is not None:
+        return "opt-out", []
     if text is None:
         # a report whose feedback part is mislabelled or inline (some providers)
         if parsed.report_type == "feedback-report" or _TYPE.search(parsed.notification[:20000]):
@@ -44,3 +50,22 @@ def feedback(parsed: Parsed) -> tuple[str, list[str]] | None:
                 if addr not in rcpts:
                     rcpts.append(addr)
     return ftype, rcpts
+
+
+# Apple Mail's one-click unsubscribe: a mail the client sends on the user's behalf
+_APPLE = re.compile(r"Apple Mail sent this email to unsubscribe", re.I)
+
+
+def _hotmail(parsed: Parsed) -> tuple[str, list[str]] | None:
+    """Microsoft's JMRP complaints: the original attached, its recipient in a header of its own."""
+    orig = parsed.original
+    if orig is None:
+        return None
+    try:
+        value = orig.get("X-HmXmrOriginalRecipient")
+    except Exception:
+        value = None
+    if not value:
+        return None
+    addr = clean_address(str(value))
+    return "abuse", [addr] if addr else []
