@@ -160,7 +160,7 @@ def _classify(raw: bytes, rcpt: tuple[str, ...], verp_keys: tuple[str, ...],
         if failed:
             per = _dsn_verdicts(parsed, failed)
             return done("bounce", **_bounce_fields(per))
-        if all(_delivered(r) for r in dsn_rcpts) and evidence < 6:
+        if all(_delivered(r) for r in dsn_rcpts):
             return done("delivered", reason="delivered", status=dsn_rcpts[0].status)
 
     auto = autoreply.autoreply_reason(parsed, subject, body[:4000])

@@ -29,10 +29,14 @@ def _load(text: str) -> Any:
     end = text.rfind("}")
     if start < 0 or end <= start or end - start > MAX_JSON:
         return None
-    try:
-        return json.loads(text[start:end + 1])
-    except ValueError:
-        return None
+    body = text[start:end + 1]
+    # some gateways wrap long lines (a newline, maybe a space, inside a JSON string)
+    for attempt in (body, body.replace("\r\n", "\n").replace("\n ", "").replace("\n", "")):
+        try:
+            return json.loads(attempt, strict=False)
+        except ValueError:
+            continue
+    return None
 
 
 def notice(text: str) -> JsonNotice | None:

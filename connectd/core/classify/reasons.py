@@ -101,7 +101,9 @@ _PHRASES: list[tuple[str, str]] = [
                     r"|address (?:is )?no longer valid|recipient address (?:is )?invalid"
                     r"|the account does not exist|user account (?:does not|doesn't) exist"
                     r"|no such mail drop|\buser\b.{0,20}\bnot found|unknown user account"),
-    ("spamdetected", r"\bspam|junk mail|unsolicited|\bube\b|bulk e?-?mail|looks like spam"
+    ("blocked", r"spamhaus|spamcop|\bdnsbl\b|\brbl\b|block ?list|black ?list|sorbs|barracuda"
+                r"|client host .{0,40}blocked|blocked using"),
+    ("spamdetected", r"\bspam(?!haus|cop)|junk mail|unsolicited|\bube\b|bulk e?-?mail|looks like spam"
                      r"|content (?:filter )?rejected|message content rejected|scored too high"
                      r"|spam ?assassin|content looks|classified as (?:junk|spam)"
                      r"|suspicious content|detected as spam|phish"),
