@@ -85,9 +85,16 @@ def load(corpus: Path) -> tuple[list[bytes], str]:
     return synthetic(), "synthetic set (corpus absent)"
 
 
+def clear_caches() -> None:
+    """Forget memoised diagnostic texts, so a round does not profit from the previous one."""
+    from connectd.core.classify import reasons
+    reasons._reason_from_text.cache_clear()
+
+
 def best_rate(fn, messages: list[bytes], rounds: int) -> float:
     best = float("inf")
     for _ in range(rounds):
+        clear_caches()
         t = time.perf_counter()
         for raw in messages:
             fn(raw)

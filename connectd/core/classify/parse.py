@@ -138,10 +138,11 @@ def _container_text(part: Message) -> str:
     if isinstance(payload, list):
         chunks = []
         for sub in payload[:64]:
-            try:
-                chunks.append(sub.as_string() if isinstance(sub, Message) else str(sub))
-            except Exception:
-                chunks.append("")
+            if isinstance(sub, Message):
+                # the fields as written; as_string() would re-fold each one (slow)
+                chunks.append("\n".join(f"{k}: {v}" for k, v in sub.items()))
+            else:
+                chunks.append(str(sub))
         return "\n".join(chunks)
     if isinstance(payload, str):
         return payload[:MAX_PART]

@@ -13,6 +13,7 @@ The phrase lists are the knowledge here: what mail servers actually write.
 
 from __future__ import annotations
 
+import functools
 import re
 
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})
@@ -145,7 +146,6 @@ _PHRASES: list[tuple[str, str]] = [
 ]
 # compiled without re.I over lower-cased text: case-insensitive matching costs ~2x
 _COMPILED = [(reason, re.compile(pattern.lower())) for reason, pattern in _PHRASES]
-_PRE = re.compile("|".join(f"(?:{p.lower()})" for _, p in _PHRASES))
 
 # RFC 3463 subject.detail -> reason (class 4 and 5 alike; hardness comes from the reason).
 _STATUS = {
@@ -193,9 +193,11 @@ def reason_from_text(text: str) -> str | None:
     """The reason a diagnostic text states, else None."""
     if not text:
         return None
-    text = text[:2000].lower()
-    if _PRE.search(text) is None:
-        return None
+    return _reason_from_text(text[:2000].lower())
+
+
+@functools.lru_cache(maxsize=512)
+def _reason_from_text(text: str) -> str | None:
     for reason, rx in _COMPILED:
         if rx.search(text):
             return reason
