@@ -259,10 +259,10 @@ def _dsn_verdicts(parsed: Parsed, failed: list[dsn.DsnRecipient]) -> list[Bounce
     out = []
     for r in failed:
         diag = r.diagnostic
+        if text_diag is None:
+            text_diag = dict(textbounce.text_recipients(parsed, set()))
+        extra = text_diag.get(r.address) or (r.original and text_diag.get(r.original)) or ""
         if not diag or not reasons.reason_from_text(diag):
-            if text_diag is None:
-                text_diag = dict(textbounce.text_recipients(parsed, set()))
-            extra = text_diag.get(r.address) or (r.original and text_diag.get(r.original)) or ""
             if not extra and len(failed) == 1:
                 extra = parsed.notification[:3000]
             diag = f"{diag} {extra}".strip()
@@ -275,7 +275,7 @@ def _dsn_verdicts(parsed: Parsed, failed: list[dsn.DsnRecipient]) -> list[Bounce
             if reason not in reasons.HARD_REASONS:
                 reason, hard = "expired", False
         else:
-            reason, hard = reasons.classify_reason(diag, status)
+            reason, hard = reasons.classify_reason(diag, status, around=extra)
         out.append(BouncedRecipient(r.address, hard, reason, status))
     return out
 

@@ -214,8 +214,9 @@ def reason_from_status(status: str | None) -> str | None:
 
 
 def classify_reason(text: str, status: str | None, reply: str | None = None,
-                    default: str | None = None) -> tuple[str, bool | None]:
-    """(diagnostic text, status, reply code) -> (reason, hard)."""
+                    default: str | None = None, around: str = "") -> tuple[str, bool | None]:
+    """(diagnostic text, status, reply code) -> (reason, hard). `around` is more text about
+    the same recipient (the report's prose), read only for the SMTP stage of the refusal."""
     if status is None:
         status = find_status(text)
     if reply is None:
@@ -235,7 +236,7 @@ def classify_reason(text: str, status: str | None, reply: str | None = None,
         reason = reason_from_text(text)
         if reason in ("userunknown", "suspend") and sub in ("2.0", "7.1", "7.0"):
             reason = "filtered"  # the mailbox exists but refuses this mail (status says so)
-    stage = _stage(text)
+    stage = _stage(text) or _stage(around)
     if reason == "userunknown" and stage == "data":
         reason = "filtered"  # an unknown user is refused at RCPT; after DATA it is a filter
     if reason in (None, "userunknown", "hostunknown", "undefined") and stage == "mail":
@@ -254,7 +255,7 @@ def classify_reason(text: str, status: str | None, reply: str | None = None,
 
 
 _STAGE = re.compile(r"(?:after|in reply to|did not like our|while (?:sending|talking)"
-                    r"|>>>)\s*(?:end of |our final |the )?(MAIL FROM|RCPT TO|DATA|RCPT|MAIL)",
+                    r"|>>>)\s*(?:end of |our final |the )?(MAIL FROM|RCPT TO|DATA|RCPT|MAIL)\b",
                     re.I)
 
 
