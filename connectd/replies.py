@@ -16,6 +16,7 @@ copy with the same Message-ID, which receiving systems and people can recognise.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -23,13 +24,12 @@ import signal
 import smtplib
 import socket
 import subprocess
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.policy import SMTP as SMTP_POLICY
-from email.utils import format_datetime, formatdate
+from email.utils import formatdate
 from pathlib import Path
 
 from connectd.core.replyrules import ReplyTemplate, render_reply
@@ -174,7 +174,6 @@ def build_forward(raw: bytes, ctx: Context, *, to: str, from_addr: str,
                  b"Content-Transfer-Encoding: " + (b"7bit" if raw.isascii() else b"8bit"), b"",
                  raw if raw.endswith(b"\r\n") else raw + b"\r\n"]
     else:
-        import base64
         encoded = base64.encodebytes(raw).replace(b"\n", b"\r\n")
         body += [b"--" + boundary,
                  b"Content-Type: application/octet-stream; name=\"original.eml\"",
@@ -302,12 +301,13 @@ def archive(root: Path, folder: str, ctx: Context, raw: bytes) -> Path:
 def pipe_env(ctx: Context) -> dict[str, str]:
     """The context of a message as environment variables for a pipe command."""
     def s(v: object) -> str:
-        return "" if v is None else str(v)
+        # an environment value cannot hold NUL (hostile headers may): drop it, not the action
+        return "" if v is None else str(v).replace("\0", "")
 
     return {"CONNECTD_CUSTOMER": s(ctx.customer), "CONNECTD_INSTANCE": s(ctx.instance),
-            "CONNECTD_KIND": ctx.kind, "CONNECTD_HANDLER": ctx.handler,
-            "CONNECTD_SENDER": ctx.sender, "CONNECTD_SUBJECT": ctx.subject.replace("\0", ""),
-            "CONNECTD_MESSAGE": ctx.message, "CONNECTD_RECEIVED": ctx.received}
+            "CONNECTD_KIND": s(ctx.kind), "CONNECTD_HANDLER": s(ctx.handler),
+            "CONNECTD_SENDER": s(ctx.sender), "CONNECTD_SUBJECT": s(ctx.subject),
+            "CONNECTD_MESSAGE": s(ctx.message), "CONNECTD_RECEIVED": s(ctx.received)}
 
 
 def run_pipe(argv: Sequence[str], raw: bytes, ctx: Context, timeout: float,
@@ -339,10 +339,3 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.communicate(timeout=5)
 
-
-def received_date(ts: str) -> str:
-    """The Date-style spelling of a record timestamp (for summaries)."""
-    try:
-        return format_datetime(datetime.fromisoformat(ts.replace("Z", "+00:00")))
-    except ValueError:
-        return formatdate(time.time(), usegmt=True)
