@@ -26,6 +26,7 @@ from connectd import settings as settings_mod
 from connectd.core.tokens import sign_verp
 from connectd.daemons.processor import Processor
 from connectd.secrets import load_secrets
+from connectd.spool import Spool
 
 pytestmark = pytest.mark.slow
 
@@ -215,6 +216,8 @@ def test_every_action_end_to_end(world: dict, relay: CountingRelay) -> None:
          "new@example.org")
     process_and_apply(w)
     assert status(w, new) == "active"
+    spool = Spool(w["settings"].paths.spool)
+    assert "shunt" not in spool.streams()  # no record refused (mail.received included)
     report = create_engine(w["settings"].database.report_url, poolclass=NullPool)
     try:
         with report.connect() as conn:
