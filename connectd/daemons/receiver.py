@@ -69,6 +69,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvloop
 from aiosmtpd.controller import Controller
 
 from connectd.core.tokens import MAX_TOKEN_LEN, BadToken, verify_verp
@@ -170,10 +171,12 @@ class Committer:
         self._queue.put(None)
         self._thread.join(timeout=30)
 
-    def submit(self, name: str, fields: dict[str, Any]) -> concurrent.futures.Future[dict[str, Any]]:
+    def submit(self, name: str, fields: dict[str, Any],
+               future: concurrent.futures.Future[dict[str, Any]] | None = None,
+               ) -> concurrent.futures.Future[dict[str, Any]]:
         """Queue a message written to tmp/; the future gives its record once it is durable,
         or the OSError/SpoolError that kept it from being stored."""
-        item = _Pending(name, fields)
+        item = _Pending(name, fields) if future is None else _Pending(name, fields, future)
         self._queue.put(item)
         return item.future
 
@@ -336,27 +339,40 @@ class ReceiverHandler:
         content = envelope.original_content or envelope.content or b""
         if isinstance(content, str):  # only if someone turns decode_data on
             content = content.encode("utf-8", "surrogateescape")
-        loop = asyncio.get_running_loop()
+        fields = self._fields(content, session, envelope)
         try:
-            # fsync blocks: in a thread, so one slow disk write does not stall other sessions
-            name, digest = await loop.run_in_executor(self.pool, self.write, content)
-            rec = await asyncio.wrap_future(
-                self.committer.submit(name, self._fields(name, digest, content, session, envelope)))
+            # fsync blocks: in a thread, so one slow disk write does not stall other sessions;
+            # the thread hands the message straight to the committer, and the loop wakes once
+            # per message, when its record is durable
+            done: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+            self.pool.submit(self._store, content, fields, done)
+            rec = await asyncio.wrap_future(done)
         except (OSError, SpoolError) as exc:
             self.log.warning("message not stored", size=len(content),
                              recipients=len(envelope.rcpt_tos), error=str(exc))
             return NOT_STORED
+        name = rec["message"]
         self.log.info("message received", size=len(content), recipients=len(envelope.rcpt_tos),
                       message=name, id=rec["id"])
         return f"250 2.0.0 Ok: stored as {name}"
 
-    def _fields(self, name: str, digest: str, content: bytes, session: Any,
-                envelope: Any) -> dict[str, Any]:
+    def _store(self, content: bytes, fields: dict[str, Any],
+               done: concurrent.futures.Future[dict[str, Any]]) -> None:
+        """In a pool thread: write and fsync the file, queue it for the committer, which
+        resolves `done` (with the record, or the error)."""
+        try:
+            name, digest = self.write(content)
+        except BaseException as exc:  # handed to the session, which answers 451
+            done.set_exception(exc)
+            return
+        self.committer.submit(name, {"message": name, "size": len(content), "sha256": digest,
+                                     **fields}, done)
+
+    def _fields(self, content: bytes, session: Any, envelope: Any) -> dict[str, Any]:
         sender = envelope.mail_from or ""
         if sender == "<>":  # aiosmtpd spells the null sender (a bounce's) <>
             sender = ""
-        return {"message": name, "size": len(content), "sha256": digest, "mail_from": sender,
-                "rcpt": list(envelope.rcpt_tos), "peer": _peer(session),
+        return {"mail_from": sender, "rcpt": list(envelope.rcpt_tos), "peer": _peer(session),
                 "helo": session.host_name or "", "receiver": self.hostname}
 
 
@@ -422,7 +438,7 @@ class Receiver(Daemon):
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="receiver-write")
         self.handler = ReceiverHandler(self.policy, self.store, self.committer, self._pool, self.log)
         controller = Controller(
-            self.handler, hostname=r.host, port=r.port,
+            self.handler, hostname=r.host, port=r.port, loop=uvloop.new_event_loop(),
             data_size_limit=r.max_size, enable_SMTPUTF8=True, decode_data=False,
             tls_context=self.tls, require_starttls=False, timeout=r.timeout,
             # no reverse-DNS lookup (aiosmtpd's default getfqdn() can hang without a network)
