@@ -257,6 +257,21 @@ def test_old_bounce_does_not_undo_a_later_resubscription(inbound_world: Any) -> 
     assert w.stats(a).hard_bounce_count == 1
 
 
+def test_a_late_older_bounce_keeps_the_newest_reason(inbound_world: Any) -> None:
+    """A bounce older than one already applied counts, but the last bounce's time and reason
+    stay the newer one's."""
+    w = inbound_world(1, SOFT_3_IN_10)
+    (a,) = w.customers
+    w.emit("mail.bounced", [bounce(w, a, at(DAY * 2), hard=False, reason="mailboxfull")])
+    w.apply_both()
+    w.emit("mail.bounced", [bounce(w, a, at(DAY), hard=False, reason="expired")],
+           stream="processor.2")
+    w.apply("customer", "processor.2")
+    s = w.stats(a)
+    assert (s.soft_bounce_count, s.last_bounce_reason) == (2, "mailboxfull")
+    assert s.last_bounce_at == NOW + timedelta(days=2)
+
+
 # --- complaints -----------------------------------------------------------------------------
 
 def test_complaint_opts_out_everywhere(inbound_world: Any) -> None:
@@ -318,6 +333,21 @@ def test_bounced_out_customer_is_not_revived_unconfirmed(inbound_world: Any) -> 
                                     "ts": at(30)}])
     w.apply_both()
     assert w.statuses(a) == {w.conv: ("active", "reply"), w.other: ("bounced_out", "bounce")}
+
+
+def test_old_confirmation_does_not_undo_a_later_opt_out(inbound_world: Any) -> None:
+    """A confirmation applied late (another stream) leaves a subscription the customer
+    opted out of afterwards opted out."""
+    w = inbound_world(1)
+    (a,) = w.customers
+    w.emit("customer.subscribed", [{"customer": a, "conversation": w.other, "confirmed": True,
+                                    "ts": at(10)}], stream="processor.2")
+    with w.customer.begin() as conn:
+        conn.execute(insert(Subscription).values(
+            customer_id=a, conversation_id=w.other, status="opted_out", source="tracker",
+            changed_at=NOW + timedelta(hours=1)))
+    w.apply("customer", "processor.2")
+    assert w.statuses(a)[w.other] == ("opted_out", "tracker")
 
 
 def test_subscribe_to_unknown_conversation_is_shunted(inbound_world: Any) -> None:
