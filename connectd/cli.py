@@ -87,6 +87,7 @@ def _register() -> None:
     from connectd.daemons import run_command
     from connectd.dkim_cli import dkim_group
     from connectd.init import init_command
+    from connectd.mail_cli import mail_group
     from connectd.segments import segment_group
     from connectd.spool_cli import spool_group
     from connectd.supervisor import up_command
@@ -94,7 +95,7 @@ def _register() -> None:
     for cmd in (init_command, up_command, run_command, customers_group, spool_group, segment_group):
         main.add_command(cmd)
     for cmd in (conversation_group, subscribe_group, suppression_group, campaign_group,
-                dkim_group):
+                dkim_group, mail_group):
         main.add_command(cmd)
 
 

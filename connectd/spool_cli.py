@@ -287,6 +287,17 @@ def _followed(settings: Any, spool: Spool) -> set[str]:
     return set(all_streams(spool, settings.profiler.streams))
 
 
+RECEIVER_STREAM = "receiver.events"
+
+
+def _processor_position(spool: Spool) -> Any:
+    """How far the processor has read receiver.events (the start if it has read nothing)."""
+    from connectd.daemons.processor import OUTPUT, resume_position
+    from connectd.spool import START
+
+    return resume_position(spool) if OUTPUT in spool.streams() else START
+
+
 @spool_group.command("gc")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
 @click.option("--retention", type=click.FloatRange(min=0), default=None,
@@ -314,8 +325,11 @@ def gc_command(dry_run: bool, retention: float | None) -> None:
             who = ", ".join(f"{db}/{c}" for db, c in sorted(missing))
             click.echo(f"{name}: {who} has not read it yet; left alone")
             continue
-        removed = spool.gc(name, [s.position for s in states], retention=retention,
-                           dry_run=dry_run)
+        held = [s.position for s in states]
+        if name == RECEIVER_STREAM:
+            # the processor keeps its place in receiver.events in its own output, not in a DB
+            held.append(_processor_position(spool))
+        removed = spool.gc(name, held, retention=retention, dry_run=dry_run)
         for seg in removed:
             click.echo(f"{name}: {verb} {seg.path.name} ({_size(seg.size)})")
         size = sum(s.size for s in removed)

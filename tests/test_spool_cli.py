@@ -262,6 +262,29 @@ def test_gc_retention_and_unread_consumer(tree: Tree) -> None:
     assert len(tree.spool.segments("composer.sent")) == before["composer.sent"]
 
 
+def test_gc_keeps_what_the_processor_has_not_read(tree: Tree) -> None:
+    """receiver.events segments the profiler passed but the processor has not (its place is
+    the `position` of its last mail.processed) are kept; the ones it passed go."""
+    recv = "receiver.events"
+    tree.fill(recv, n=60)
+    age_segments(tree.spool, recv)
+    segs = tree.spool.segments(recv)
+    assert len(segs) >= 4
+    tree.databases()
+    for db in ("customer", "report"):
+        tree.position(db, recv, "profiler", tree.spool.info(recv).end, 60)
+    res = tree.run("gc", "--retention", "0")
+    assert f"{recv}: removed 0 segment(s)" in res.output  # the processor has read nothing
+    with tree.spool.writer("processor.events") as w:
+        w.append("mail.processed", {"message": "m", "received": "r", "kind": "human",
+                                    "position": str(Position(segs[2].number, 0))})
+    for db in ("customer", "report"):
+        tree.position(db, "processor.events", "profiler", tree.spool.info("processor.events").end, 1)
+    res = tree.run("gc", "--retention", "0")
+    assert res.exit_code == 0, res.output
+    assert [s.number for s in tree.spool.segments(recv)] == [s.number for s in segs[2:]]
+
+
 # --- replay ---------------------------------------------------------------------------------
 
 

@@ -17,6 +17,8 @@ DAEMONS: dict[str, str] = {
     "manager": "prepares launched messages into targets and batches; retries; completion",
     "composer": "claims batches, renders, signs and hands mail to the relays (--instance N)",
     "tracker": "HTTP: click redirects, open pixel, unsubscribe, conversions (never needs the DB)",
+    "receiver": "SMTP for the reply domain: stores each message durably, then receiver.events",
+    "processor": "classifies received mail, runs the reply-handler chain -> processor.events",
 }
 
 
@@ -39,6 +41,12 @@ def _daemon_class(name: str) -> type:
     if name == "tracker":
         from connectd.daemons.tracker import Tracker
         return Tracker
+    if name == "receiver":
+        from connectd.daemons.receiver import Receiver
+        return Receiver
+    if name == "processor":
+        from connectd.daemons.processor import Processor
+        return Processor
     raise KeyError(name)
 
 
