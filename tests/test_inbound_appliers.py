@@ -177,7 +177,7 @@ def test_bounce_found_by_address_and_unknown_address_counted(inbound_world: Any)
 
 def test_soft_bounces_reach_the_threshold(inbound_world: Any) -> None:
     """soft_bounce_limit (3) soft bounces within soft_bounce_days (10): bounced out at the
-    third; two were not enough."""
+    third; two were not enough; after a confirmed re-subscription the count starts again."""
     w = inbound_world(1, SOFT_3_IN_10)
     (a,) = w.customers
     w.emit("mail.bounced", [bounce(w, a, at(DAY * d), hard=False) for d in (1, 2)])
@@ -192,6 +192,12 @@ def test_soft_bounces_reach_the_threshold(inbound_world: Any) -> None:
     assert s.bounced_out_at == NOW + timedelta(days=3)
     with w.report.connect() as conn:
         assert conn.execute(select(MessageFact.bounce_kind)).scalar_one() == "soft"
+    # confirmed back in: the bounces before the bounce-out no longer count
+    w.emit("customer.subscribed", [{"customer": a, "conversation": w.conv, "confirmed": True,
+                                    "ts": at(DAY * 4)}])
+    w.emit("mail.bounced", [bounce(w, a, at(DAY * 5), hard=False)])
+    w.apply_both()
+    assert w.statuses(a)[w.conv] == ("active", "reply")
 
 
 def test_soft_bounces_outside_the_window_do_not_add_up(inbound_world: Any) -> None:

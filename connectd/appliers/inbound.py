@@ -225,14 +225,15 @@ def bounces_to_profiles(conn: Connection, records: list[MailBounced],
            [(c, h, s) for c, (h, s) in counts.items()],
            keys=("customer_id",), add=("hard_bounce_count", "soft_bounce_count"))
     _last_bounces(conn, set(counts))
-    hard = {c: _dt(r.ts) for r, c in sorted(fresh, key=lambda x: x[0].ts) if r.hard}
+    # record timestamps (one spelling: text order is time order); a customer's latest counts
+    hard = {c: r.ts for r, c in sorted(fresh, key=lambda x: x[0].ts) if r.hard}
     out = _soft_outs(conn, [(r, c) for r, c in fresh if not r.hard], hard, cache)
-    for c, t in hard.items():
-        out[c] = max(out.get(c, t), t)
+    for c, ts in hard.items():
+        out[c] = max(out.get(c, ts), ts)
     if not out:
         return
     dialect = conn.dialect.name
-    stamps = {c: db_time(dialect, t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")) for c, t in out.items()}
+    stamps = {c: db_time(dialect, ts) for c, ts in out.items()}
     set_everywhere(conn, {c: (ts, "bounce") for c, ts in stamps.items()}, "bounced_out",
                    keep=("opted_out",))
     upsert(conn, _stats, ("customer_id", "bounced_out_at"), list(stamps.items()),
@@ -256,10 +257,10 @@ def _last_bounces(conn: Connection, customers: set[int]) -> None:
 
 
 def _soft_outs(conn: Connection, soft: list[tuple[MailBounced, int]],
-               hard: dict[int, datetime], cache: dict[str, Any]) -> dict[int, datetime]:
-    """customer -> the latest time one of these new soft bounces completed the rule (limit
-    soft bounces within the window, none before the customer's last person open or click or
-    bounce-out, counting this run's hard bounce-outs)."""
+               hard: dict[int, str], cache: dict[str, Any]) -> dict[int, str]:
+    """customer -> the ts of the latest of these new soft bounces that completed the rule
+    (limit soft bounces within the window, none before the customer's last person open or
+    click or bounce-out, this run's hard bounce-outs included)."""
     if not soft:
         return {}
     limit, window = soft_bounce_rule(cache)
@@ -279,17 +280,18 @@ def _soft_outs(conn: Connection, soft: list[tuple[MailBounced, int]],
             known = [t for t in stamps if t is not None]
             if known:
                 resets[c] = max(known)
-    out: dict[int, datetime] = {}
+    out: dict[int, str] = {}
     for r, c in sorted(soft, key=lambda x: x[0].ts):
         t = _dt(r.ts)
         # this run's hard bounce-out resets the count too, when it came first
-        before = hard.get(c) if hard.get(c, t) <= t else None
-        reset = max((x for x in (resets.get(c), out.get(c), before) if x is not None),
+        before = _dt(hard[c]) if c in hard and hard[c] <= r.ts else None
+        earlier_out = _dt(out[c]) if c in out else None
+        reset = max((x for x in (resets.get(c), earlier_out, before) if x is not None),
                     default=None)
         counted = [x for x in history.get(c, ()) if t - window < x <= t
                    and (reset is None or x > reset)]
         if len(counted) >= limit:
-            out[c] = t  # bounced out now: the count starts again after this
+            out[c] = r.ts  # bounced out now: the count starts again after this
     return out
 
 
