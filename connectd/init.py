@@ -1,8 +1,8 @@
 """`connectd init`: make a fresh installation usable; idempotent.
 
 Inputs: the settings. Outputs: the spool (with its identity), logs and content directories,
-the SQLite files' directories, both databases migrated to head, the secrets file (0600), and
-an admin user whose random password is printed once. Each step reports whether it created
+the SQLite files' directories, both databases migrated to head, the secrets file (0600), the
+reply-handler chain (processor.handlers, a copy of the default chain to edit), and an admin user whose random password is printed once. Each step reports whether it created
 something or found it already there; a second run changes nothing.
 
 Errors (an unreachable database, an unwritable directory) end with one line on stderr and
@@ -117,6 +117,22 @@ def _secrets(path: Path, report: InitReport) -> None:
                    f"(chmod 600 {path})", err=True)
 
 
+DEFAULT_HANDLERS = Path(__file__).resolve().parent / "data" / "reply-handlers.toml"
+
+
+def _handlers(path: Path, report: InitReport) -> None:
+    """Install the default reply-handler chain where processor.handlers points, unless a file
+    is there (the operator's own chain is never overwritten)."""
+    from connectd.spool import create_file_once
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        created = create_file_once(path, DEFAULT_HANDLERS.read_bytes())
+    except OSError as exc:
+        raise InitError(f"cannot create reply-handler file {path}: {exc.strerror}") from None
+    report.add(f"reply handlers {path}", created)
+
+
 def _admin(engine: Engine, url: str, report: InitReport) -> None:
     """Create the admin user unless a user with the admin role exists."""
     from argon2 import PasswordHasher
@@ -169,6 +185,7 @@ def initialize(settings: Settings) -> InitReport:
         _migrate("customer", db.customer_url, customer, report)
         _migrate("report", db.report_url, reporting, report)
         _secrets(settings.paths.secrets, report)
+        _handlers(settings.processor.handlers, report)
         _admin(customer, db.customer_url, report)
     finally:
         customer.dispose()

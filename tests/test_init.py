@@ -151,3 +151,22 @@ def test_load_secrets_rejects_missing_keys(tmp_path: Path) -> None:
     path.write_text("token_keys = []\n")
     with pytest.raises(SecretsError, match="token_keys must be a non-empty list"):
         load_secrets(path)
+
+
+def test_init_installs_the_default_reply_handlers_once(config_path: Path) -> None:
+    """init writes the default reply-handler chain where processor.handlers points, and never
+    overwrites the operator's own file on a later run."""
+    from connectd.core.replyrules import load_chain
+    from connectd.init import DEFAULT_HANDLERS
+
+    code, out, err = run_init(config_path)
+    assert code == 0, err
+    target = settings_mod.load(config_path, environ={}).processor.handlers
+    assert target.read_bytes() == DEFAULT_HANDLERS.read_bytes()
+    assert f"created  reply handlers {target}" in out
+    assert load_chain(target)  # the shipped chain is valid
+    target.write_text("# mine\n", encoding="utf-8")
+    code, out, err = run_init(config_path)
+    assert code == 0, err
+    assert target.read_text(encoding="utf-8") == "# mine\n"
+    assert f"exists   reply handlers {target}" in out

@@ -177,7 +177,8 @@ def load_chain(path: Path) -> tuple[Handler, ...]:
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SettingsError(f"{path}: reply-handler file not found (processor.handlers)",
+        raise SettingsError(f"{path}: reply-handler file not found (processor.handlers; "
+                            "`connectd init` installs the default chain there)",
                             key="processor.handlers") from None
     except UnicodeDecodeError as exc:
         raise SettingsError(f"{path}: not UTF-8 text (byte {exc.start})",

@@ -11,7 +11,7 @@ from connectd.core import replyrules as rr
 from connectd.settings import SettingsError
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT = ROOT / "etc" / "reply-handlers.toml"
+DEFAULT = ROOT / "connectd" / "data" / "reply-handlers.toml"
 
 
 def chain(text: str, base: Path | None = None) -> tuple[rr.Handler, ...]:

@@ -19,7 +19,7 @@ from connectd.secrets import create_secrets, load_secrets
 from connectd.spool import Spool, StreamReader, inbound_store
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_HANDLERS = ROOT / "etc" / "reply-handlers.toml"
+DEFAULT_HANDLERS = ROOT / "connectd" / "data" / "reply-handlers.toml"
 DOMAIN = "reply.example"
 CS = "cs@service.example"
 
