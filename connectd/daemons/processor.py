@@ -461,19 +461,24 @@ class Processor(Daemon):
             if res.customer is None:
                 raise ActionFailed("no bounced recipient and no customer")
             bounced = [_Bounced("", cls.hard, cls.reason or "", cls.status)]
+        # one VERP address is one customer; a bounce naming several recipients (an alias or
+        # forward expanded downstream) leaves the applier to find each by its address
+        customer = res.customer if len(bounced) == 1 else None
         for b in bounced:
             hard = {"hard": True, "soft": False}.get(action.arg)
             if hard is None:
                 hard = b.hard if b.hard is not None else bool(cls.hard)
             out.records.append(("mail.bounced", {
-                "hard": hard, "customer": res.customer, "address": b.address.lower(),
+                "hard": hard, "customer": customer, "address": b.address.lower(),
                 "instance": res.instance, "reason": b.reason or cls.reason or "",
                 "status": b.status or cls.status, "message": ctx.message}))
         return True
 
     def do_complaint(self, action: Action, raw: bytes, cls: Any, res: Resolved, ctx: Context,
                      out: Outcome) -> bool:
-        address = cls.recipients[0] if cls.recipients else ""
+        # a feedback report names the complaining address per recipient, not as "recipients"
+        addresses = [*cls.recipients, *(r.address for r in cls.per_recipient)]
+        address = addresses[0].lower() if addresses else ""
         if res.customer is None and not address:
             raise ActionFailed("complaint names no customer and no address")
         out.records.append(("mail.complained", {

@@ -386,3 +386,42 @@ def test_kill_at_random_loses_and_repeats_nothing(env: Env) -> None:
     assert [p["received"] for p in env.processed()] == ids
     assert sorted(b["address"] for b in env.records("mail.bounced")) == \
         sorted(f"r{i}@example.com" for i in range(150))
+
+
+ARF = (
+    b"From: feedback@fbl.example.net\r\nTo: abuse@reply.example\r\nSubject: FW: Spring sale\r\n"
+    b"Date: Mon, 01 Jan 2024 10:00:00 +0000\r\nMessage-ID: <arf1@fbl.example.net>\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=feedback-report; "
+    b"boundary=\"B\"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nThis is an abuse report.\r\n"
+    b"--B\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n"
+    b"User-Agent: fbl/1.0\r\nVersion: 1\r\nOriginal-Rcpt-To: bob@example.com\r\n"
+    b"--B\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: news@shop.example\r\n"
+    b"To: bob@example.com\r\nSubject: Spring sale\r\n\r\n--B--\r\n")
+
+
+def test_complaint_without_context_names_the_complaining_address(env: Env) -> None:
+    """An ARF report with no signed context still opts out the address it reports."""
+    env.deliver(ARF, rcpt=[f"abuse@{DOMAIN}"], mail_from="")
+    run(env)
+    (complained,) = env.records("mail.complained")
+    assert complained["address"] == "bob@example.com" and complained["customer"] is None
+    assert env.processed()[0]["errors"] == []
+
+
+def test_bounce_of_several_recipients_leaves_them_to_their_addresses(env: Env) -> None:
+    """A bounce naming two recipients on one VERP address: neither record is pinned to the
+    VERP customer (the applier finds each by address); one recipient keeps the customer."""
+    two = dsn("ann@example.com", "5.1.1").replace(
+        b"Final-Recipient: rfc822; ann@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 <ann@example.com>: Recipient address rejected: "
+        b"User unknown\r\n",
+        b"Final-Recipient: rfc822; ann@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n\r\n"
+        b"Final-Recipient: rfc822; ann.alias@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        b"Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n")
+    env.deliver(two, rcpt=[env.verp("b", 7, 1)], mail_from="")
+    run(env)
+    bounced = env.records("mail.bounced")
+    assert sorted(b["address"] for b in bounced) == ["ann.alias@example.org", "ann@example.com"]
+    assert {b["customer"] for b in bounced} == {None}
+    assert {b["instance"] for b in bounced} == {7}
