@@ -136,8 +136,8 @@ def test_kind_accuracy_meets_the_target() -> None:
     assert score(ROWS)["kind"] >= 0.97
 
 
-# Targets of issue 5 not reached yet on this corpus (recall 0.963, precision 0.980, hard/soft
-# 0.900 when written): strict xfail would break on progress, so non-strict, plus floors at
+# Targets of issue 5 not reached yet on this corpus (recall 0.965, precision 0.982 when
+# written): strict xfail would break on progress, so non-strict, plus floors at
 # the level reached that guard against regressions.
 _NOT_YET = pytest.mark.xfail(reason="issue 5 target not reached yet on the developer corpus",
                              strict=False)
@@ -155,7 +155,6 @@ def test_bounced_recipient_precision_meets_the_target() -> None:
     assert score(ROWS)["precision"] >= 0.99
 
 
-@_NOT_YET
 def test_hard_soft_accuracy_meets_the_target() -> None:
     """Hard/soft is right for at least 95 % of the labelled bounces."""
     assert score(ROWS)["hard"] >= 0.95
@@ -164,7 +163,7 @@ def test_hard_soft_accuracy_meets_the_target() -> None:
 def test_scores_do_not_regress() -> None:
     """Recall, precision and hard/soft stay at least at the level reached (regression floor)."""
     s = score(ROWS)
-    assert s["recall"] >= 0.96 and s["precision"] >= 0.975 and s["hard"] >= 0.895, s
+    assert s["recall"] >= 0.963 and s["precision"] >= 0.98 and s["hard"] >= 0.95, s
 
 
 def test_no_sample_is_decided_by_the_local_part() -> None:

@@ -25,7 +25,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from connectd.core.classify import arf, autoreply, context, dsn, jsonnotice, reasons, textbounce
+from connectd.core.classify import (
+    arf,
+    autoreply,
+    context,
+    dsn,
+    jsonnotice,
+    reasons,
+    rhost,
+    textbounce,
+)
 from connectd.core.classify.addresses import clean_address, find_addresses
 from connectd.core.classify.parse import Parsed, parse
 
@@ -275,7 +284,9 @@ def _dsn_verdicts(parsed: Parsed, failed: list[dsn.DsnRecipient]) -> list[Bounce
             if reason not in reasons.HARD_REASONS:
                 reason, hard = "expired", False
         else:
-            reason, hard = reasons.classify_reason(diag, status, around=extra)
+            hosts = (r.remote_mta, *rhost.hosts_in(diag), r.address.rpartition("@")[2],
+                     r.reporting_mta)
+            reason, hard = reasons.classify_reason(diag, status, around=extra, hosts=hosts)
         out.append(BouncedRecipient(r.address, hard, reason, status))
     return out
 
@@ -295,12 +306,14 @@ def _text_verdicts(parsed: Parsed, evidence: int) -> list[BouncedRecipient]:
     temporary = bool(re.search(r"will (?:continue|retry|keep trying)|not yet been delivered"
                                r"|delivery (?:is )?delayed|temporar|\bdelay|warning:",
                                notification[:6000] + parsed.get("Subject"), re.I))
+    reporter = parsed.get("From").rpartition("@")[2].strip("> ").lower()
     out = []
     for addr, diag in found:
         text = diag if reasons.reason_from_text(diag) else f"{diag}\n{notification[:3000]}"
         status = reasons.find_status(diag) or None
         default = "expired" if temporary else None
-        reason, hard = reasons.classify_reason(text, status, default=default)
+        hosts = (*rhost.hosts_in(diag), addr.rpartition("@")[2], reporter)
+        reason, hard = reasons.classify_reason(text, status, default=default, hosts=hosts)
         if status is None:
             status = reasons.status_for(reason, temporary and reason not in
                                         reasons.HARD_REASONS)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import functools
 import re
 
+from connectd.core.classify import rhost
+
 HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})
 
 # Ordered: the first matching reason wins, so the specific ones come before the broad ones
@@ -68,7 +70,9 @@ _PHRASES: list[tuple[str, str]] = [
                 r"|recipient(?:'s)? (?:account|mailbox) is (?:disabled|inactive)"
                 r"|mailbox (?:currently )?(?:suspended|disabled|inactive)|has been disabled"
                 r"|address is no longer (?:active|in use)|no longer active"),
-    ("hostunknown", r"host unknown|unknown host|host not found|domain not found|no such domain"
+    ("hostunknown", r"unrouteable address|\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?"
+                    r"[a-z0-9-]+(?:\.[a-z0-9-]+)+ does not exist|host unknown|unknown host"
+                    r"|host not found|domain not found|no such domain"
                     r"|domain (?:does not|doesn't) exist|name or service not known"
                     r"|host or domain name not found|unrouteable mail domain|mx lookup fail"
                     r"|domain name not found|unknown domain|\bnxdomain\b|invalid domain"
@@ -90,13 +94,15 @@ _PHRASES: list[tuple[str, str]] = [
                     r"|email account that you tried to reach does not exist"
                     r"|address (?:was )?not found|recipnotfound|recipientnotfound"
                     r"|bad destination mailbox|not our customer|unknown or illegal alias"
-                    r"|unrouteable address|no valid recipients|recipient (?:address )?rejected"
+                    r"|no valid recipients|recipient address rejected: (?:access denied|invalid|unknown"
+                    r"|user ?unknown|user .{0,60}does not exist)|recipient rejected"
+                    r"|check if (?:the )?(?:e-?mail )?address is correct"
                     r"|(?:doesn't|does not) have a .{0,40} account|not listed in"
                     r"|mailbox not (?:found|available|exist)|user (?:doesn't|does not) exist"
                     r"|dd this user doesn't|no such e-?mail|destin\w* (?:address|mailbox) (?:is )?"
                     r"(?:invalid|unknown)|is not a known user|user is unknown|no account by that name"
                     r"|unknown e-?mail address|this user doesn't have|mailbox .{0,60}does not exist"
-                    r"|address rejected|does not have an account|invalid-?recipient"
+                    r"|5\.1\.0 address rejected|does not have an account|invalid-?recipient"
                     r"|recipient (?:is )?not (?:local|found|valid)|not a known recipient"
                     r"|user not listed|email address (?:was )?not found|no such object"
                     r"|address (?:is )?no longer valid|recipient address (?:is )?invalid"
@@ -214,15 +220,22 @@ def reason_from_status(status: str | None) -> str | None:
 
 
 def classify_reason(text: str, status: str | None, reply: str | None = None,
-                    default: str | None = None, around: str = "") -> tuple[str, bool | None]:
+                    default: str | None = None, around: str = "",
+                    hosts: tuple[str, ...] = ()) -> tuple[str, bool | None]:
     """(diagnostic text, status, reply code) -> (reason, hard). `around` is more text about
-    the same recipient (the report's prose), read only for the SMTP stage of the refusal."""
+    the same recipient (the report's prose), read only for the SMTP stage of the refusal;
+    `hosts` are the answering MTA, the recipient's domain and the reporting MTA (a few
+    services mean something else than their words say, see rhost)."""
     if status is None:
         status = find_status(text)
     if reply is None:
         reply = find_reply_code(text)
-    reason = None
+    stage = _stage(text) or _stage(around)
+    reason = rhost.reason(hosts, text, status, stage) if hosts else None
+    if reason is not None:
+        return reason, _hard(reason, _permanent(status, reply))
     sub = status.partition(".")[2] if status else ""
+    reason = None
     # specific status codes that text rarely contradicts
     if sub in ("1.1", "1.2", "1.6", "2.2", "1.10", "7.26", "7.13"):
         reason = _STATUS.get(sub)
@@ -234,11 +247,14 @@ def classify_reason(text: str, status: str | None, reply: str | None = None,
             reason = text_reason
     if reason is None:
         reason = reason_from_text(text)
-        if reason in ("userunknown", "suspend") and sub in ("2.0", "7.1", "7.0"):
+        if reason in ("userunknown", "suspend") and sub in _FILTER_STATUS and stage != "rcpt":
             reason = "filtered"  # the mailbox exists but refuses this mail (status says so)
-    stage = _stage(text) or _stage(around)
-    if reason == "userunknown" and stage == "data":
-        reason = "filtered"  # an unknown user is refused at RCPT; after DATA it is a filter
+    if (reason == "userunknown" and stage != "rcpt" and sub not in _ADDRESS_STATUS
+            and not _address_detail(sub) and _ANY_REPLY.search(text or "")):
+        # An unknown mailbox is refused at RCPT TO, or said with x.1.1; "unknown user" after
+        # DATA, or with no stage and no address status, is a content/sender filter speaking
+        # (mobile carriers and filtering gateways answer that way): sisimai's "filtered".
+        reason = "filtered"
     if reason in (None, "userunknown", "hostunknown", "undefined") and stage == "mail":
         reason = "rejected"  # refused at MAIL FROM: the sender, not the recipient
     if reason is None and sub not in _GENERIC_STATUS:
@@ -250,22 +266,51 @@ def classify_reason(text: str, status: str | None, reply: str | None = None,
     permanent = _permanent(status, reply)
     if reason == "hostunknown" and permanent is False:
         reason = "networkerror"  # a DNS answer the MTA itself calls temporary
-    hard = reason in HARD_REASONS or (reason == "notaccept" and permanent is not False)
-    return reason, hard
+    return reason, _hard(reason, permanent)
 
 
+def _hard(reason: str, permanent: bool | None) -> bool:
+    """sisimai's hard bounce: the address itself is bad (a refused null-MX domain too)."""
+    return reason in HARD_REASONS or (reason == "notaccept" and permanent is not False)
+
+
+# mailbox statuses that say "it exists but refuses this mail" (RFC 3463 x.2.0, x.2.1, x.2.4,
+# x.1.4) and the policy ones
+_FILTER_STATUS = frozenset({"2.0", "2.1", "2.4", "1.4", "7.1", "7.0"})
+# a remote server's SMTP reply code anywhere ("550 ...", "550: ...", "ERROR_CODE :550"): without
+# one, the reporting MTA judged the address itself (a directory lookup, not a filter)
+_ANY_REPLY = re.compile(r"(?<![\d.])[45][0-5]\d(?![\d.])")
+_ADDRESS_STATUS = frozenset({"1.0", "1.1", "1.3"})  # statuses that name the mailbox itself
 _STAGE = re.compile(r"(?:after|in reply to|did not like our|while (?:sending|talking)"
                     r"|>>>)\s*(?:end of |our final |the )?(MAIL FROM|RCPT TO|DATA|RCPT|MAIL)\b",
                     re.I)
+# An SMTP command echoed in upper case in a transcript or reply ("RCPT TO:<a@b>", ">>> DATA"):
+# the latest stage named is the one refused. Case-sensitive on purpose: "data" in prose is
+# not a command.
+_COMMAND = re.compile(r"(?<![A-Za-z0-9.@-])(MAIL F|RCPT|DATA|EHLO|HELO)(?![a-z0-9@])")
+_ORDER = {"EHLO": 0, "HELO": 0, "MAIL F": 1, "RCPT": 2, "DATA": 3}
+
+
+def _address_detail(sub: str) -> bool:
+    """A vendor detail under subject 1 ("1.351", Exchange's "recipient not found"): about
+    the destination address, unless it is one of the standard non-mailbox ones."""
+    head, _, detail = sub.partition(".")
+    return head == "1" and detail.isdigit() and int(detail) > 10
 
 
 def _stage(text: str) -> str | None:
-    """The SMTP command a refusal answered ("mail", "rcpt", "data"), when the MTA says."""
-    m = _STAGE.search(text or "")
-    if m is None:
+    """The SMTP command a refusal answered ("connect", "mail", "rcpt", "data"), when the MTA
+    says so in words or echoes the command."""
+    if not text:
         return None
-    word = m.group(1).upper()
-    return "mail" if word.startswith("MAIL") else "rcpt" if word.startswith("RCPT") else "data"
+    m = _STAGE.search(text)
+    if m is not None:
+        word = m.group(1).upper()
+        return "mail" if word.startswith("MAIL") else "rcpt" if word.startswith("RCPT") else "data"
+    best = -1
+    for c in _COMMAND.finditer(text):
+        best = max(best, _ORDER[c.group(1)])
+    return (None, "connect", "mail", "rcpt", "data")[best + 1]
 
 
 def _permanent(status: str | None, reply: str | None) -> bool | None:
