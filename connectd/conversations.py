@@ -16,7 +16,9 @@ Subscriber import (streams like `connectd customers import`, one transaction per
   executemany upserts the changes: set-based, so a million rows take seconds, not hours.
 - An import never re-subscribes a customer who opted out or bounced out (their own choice or
   the mail system's verdict beats a list someone uploads) unless `force` is given; those rows
-  are counted as `kept`. Importing with status opted_out always applies.
+  are counted as `kept`. Importing with status opted_out always applies. The same holds for a
+  customer whose address hard-bounced out or who complained (customer_stats) before the
+  conversation existed: they have no row in it, and an import does not give them one.
 
 Suppression import: one value per line (or the first field of a CSV record); blank lines and
 `#` comments are skipped, as is a header cell named email/address/domain/value. Values are
@@ -224,6 +226,14 @@ class _SubscriptionWriter:
                              f"conversation_id = {self.ph} AND customer_id", ids,
                              self.conversation))
 
+    def barred(self, conn: Connection, ids: list[int]) -> set[int]:
+        """Customers whose address hard-bounced out or who complained (the inbound appliers
+        mark them on customer_stats): bounced-out and opted-out in every conversation that
+        existed then, and never subscribed by an import into one made later."""
+        return {cid for (cid,) in self._in(
+            conn, "SELECT customer_id FROM customer_stats WHERE (bounced_out_at IS NOT NULL "
+            "OR last_complaint_at IS NOT NULL) AND customer_id", ids)}
+
     def upsert(self, conn: Connection, ids: list[int], now: datetime) -> None:
         ts = self.ts(now)
         if self.pg:
@@ -295,9 +305,14 @@ def _flush_subscriptions(engine: Engine, writer: _SubscriptionWriter, kind: str,
         with write_engine(engine).begin() as conn:
             found = writer.customers(conn, list(batch), kind)
             current = writer.statuses(conn, list(found.values()))
+            guarded = writer.status != "opted_out" and not writer.force
+            barred = writer.barred(conn, list(found.values())) if guarded else set()
             changes: list[int] = []
             for cid in found.values():
                 old = current.get(cid)
+                if old is None and cid in barred:
+                    summary.kept += 1  # bounced out or complained before this conversation
+                    continue
                 if old is None:
                     summary.inserted += 1
                 elif old == writer.status:

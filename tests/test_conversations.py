@@ -25,7 +25,7 @@ from connectd.conversations import (
     list_conversations,
 )
 from connectd.customers import BadRow
-from connectd.db.customer import Customer, Subscription, SuppressionEntry
+from connectd.db.customer import Customer, CustomerStats, Subscription, SuppressionEntry
 from connectd.db.engine import make_engine
 
 NOW = datetime(2026, 3, 1, tzinfo=UTC)
@@ -103,6 +103,22 @@ def test_opted_out_is_not_resubscribed_unless_forced(engine: Engine) -> None:
     summary, _ = subscribe(engine, b"email\na@x.com\nb@x.com\nc@x.com\n")
     assert statuses(engine) == {"a@x.com": "opted_out", "b@x.com": "opted_out",
                                 "c@x.com": "active"}
+    assert (summary.kept, summary.inserted) == (2, 1)  # type: ignore[attr-defined]
+    subscribe(engine, b"email\na@x.com\n", force=True)
+    assert statuses(engine)["a@x.com"] == "active"
+
+
+def test_bounced_out_or_complained_before_the_conversation_is_not_subscribed(engine: Engine) -> None:
+    """A customer the inbound appliers bounced out (hard bounce) or who complained, before
+    this conversation existed, is kept out of an import into it; --force subscribes them."""
+    with engine.begin() as conn:
+        ids = dict(conn.execute(select(Customer.email_key, Customer.id)).all())
+        conn.execute(insert(CustomerStats), [
+            {"customer_id": ids["a@x.com"], "bounced_out_at": NOW, "last_complaint_at": None},
+            {"customer_id": ids["b@x.com"], "bounced_out_at": None, "last_complaint_at": NOW},
+            {"customer_id": ids["c@x.com"], "bounced_out_at": None, "last_complaint_at": None}])
+    summary, _ = subscribe(engine, b"email\na@x.com\nb@x.com\nc@x.com\n")
+    assert statuses(engine) == {"c@x.com": "active"}
     assert (summary.kept, summary.inserted) == (2, 1)  # type: ignore[attr-defined]
     subscribe(engine, b"email\na@x.com\n", force=True)
     assert statuses(engine)["a@x.com"] == "active"
