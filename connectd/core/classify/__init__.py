@@ -172,17 +172,19 @@ def _classify(raw: bytes, rcpt: tuple[str, ...], verp_keys: tuple[str, ...],
         if all(_delivered(r) for r in dsn_rcpts):
             return done("delivered", reason="delivered", status=dsn_rcpts[0].status)
 
+    if depth == 0 and evidence >= 2 and parsed.original is not None and _is_report(parsed):
+        # the returned "original" is itself a delivery report (a gateway relayed the bounce
+        # inside its own notice): the inner report names the failed address
+        inner = _classify_inner(parsed, rcpt, verp_keys, reply_domains)
+        if inner is not None and inner.kind in ("bounce", "feedback") and (
+                inner.recipients or inner.per_recipient):
+            return inner
     auto = autoreply.autoreply_reason(parsed, subject, body[:4000])
     worded = auto is not None and auto[1]
     if evidence >= 2 and not (worded and evidence < 4):
         per = _text_verdicts(parsed, evidence)
         if per or evidence >= 4:
             return done("bounce", **_bounce_fields(per))
-    if depth == 0 and evidence >= 2 and parsed.original is not None and _is_report(parsed):
-        # a bounce forwarded as an attachment (some gateways wrap the report): read the inner
-        inner = _classify_inner(parsed, rcpt, verp_keys, reply_domains)
-        if inner is not None and inner.kind in ("bounce", "feedback"):
-            return inner
     if auto is not None:
         return done("autoreply", reason=auto[0])
     if ctx.verp_kind == "unsubscribe":
@@ -293,7 +295,7 @@ def _dsn_verdicts(parsed: Parsed, failed: list[dsn.DsnRecipient]) -> list[Bounce
 
 def _text_verdicts(parsed: Parsed, evidence: int) -> list[BouncedRecipient]:
     exclude = textbounce.sender_side(parsed)
-    found = textbounce.text_recipients(parsed, exclude)
+    found = textbounce.text_recipients(parsed, exclude, excluded_strong={})
     header = textbounce.failed_header(parsed)
     if header:
         diags = dict(found)

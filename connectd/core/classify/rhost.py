@@ -152,8 +152,8 @@ def reason(hosts: tuple[str, ...], text: str, status: str | None, stage: str | N
     return None
 
 
-_HOST_SAID = re.compile(r"(?:host|while talking to|remote host|server)\s+\[?([A-Za-z0-9.-]+\.[A-Za-z]"
-                        r"{2,24})\]?\.?(?:\s*\[[^\]]*\])?\s*(?:said|:|\.:)", re.I)
+_HOST_SAID = re.compile(r"(?:\bhost:?|while talking to|remote host|\bserver)\s+\[?"
+                        r"([A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24})\b", re.I)
 
 
 def hosts_in(text: str) -> list[str]:

@@ -23,7 +23,7 @@ from connectd.core.classify.addresses import ADDRESS, clean_address, find_addres
 from connectd.core.classify.parse import Parsed
 
 _SENDER_LOCAL = re.compile(
-    r"^(?:mailer-daemon|mailer_daemon|maildaemon|postmaster|mail-daemon|mdaemon|mmdf|smtp"
+    r"^(?:mailer-daemon|mailer_daemon|maildaemon|postmaster|post_master|mail-daemon|mdaemon|mmdf|smtp"
     r"|mail\.?delivery|deliverystatus|delivery|bounce[s]?|noreply|no-reply|nobody|root"
     r"|mailadmin|mail-system|mailsystem|daemon|mta|auto-?reply|returns?|system"
     r"|microsoftexchange[0-9a-f]*|notes|notification[s]?)\b", re.I)
@@ -64,7 +64,7 @@ _ALONE = re.compile(
     r"(?P<addr>[^\s<>()\[\]@\"']+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})[>\])\"']?"
     r"[ \t]*(?::|\.\.\.|,|;|#|\.)?[ \t]*"
     r"(?:\((?:expanded from|generated from|[^)]{0,80}@[^)]{0,80})[^)]*\)?|\(?[^()\n]*@[^()\n]*\)?"
-    r"|on \w{3}.{0,40}|<mailto:[^>]*>|\(\d+\)|\(UNKNOWN\)|\(expanded from:?)?[ \t]*$", re.M | re.I)
+    r"|on (?:\w{3}|\d{1,2}/\d{1,2}/\d{2,4}).{0,40}|<mailto:[^>]*>|\(\d+\)|\(UNKNOWN\)|\(expanded from:?)?[ \t]*$", re.M | re.I)
 # An address opening its line, then the error: "<a@b>: host x said: 550 ...", "a@b: No MX".
 _LEAD = re.compile(
     r"^[ \t>*-]*(?:<(?P<a1>[^\s<>()\[\]@\"']+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})>"
@@ -84,6 +84,9 @@ _NOT_RCPT_LINE = re.compile(
     r"|Resent-From|List-[\w-]+)\s*:|MAIL FROM|envelope-from|smtp.mailfrom|header.from"
     r"|\bby\s+\S+\s+with\b|postmaster@|abuse@|(?:contact|e-?mail|write to|reach)\s+(?:the\s+)?"
     r"(?:postmaster|administrator|helpdesk|support)|contact\s*:?\s*<?[^\s@<>]+@|\bsent (?:by|from)\b|\bfrom\s+<", re.I)
+_CONTACT = re.compile(r"(?:contact|write to|send mail to|e-?mail|reach)\s+(?:us\s+at\s+|the\s+)?"
+                      r"(?:postmaster|administrator|helpdesk|support|us)?\s*(?:at\s+)?<?[^\s@<>]+@"
+                      r"|please contact|for (?:further )?assistance", re.I)
 _LOCAL_NEVER = re.compile(r"^(?:mailer-daemon|postmaster|mail-daemon|abuse)$", re.I)
 _ERRORISH = re.compile(
     r"\b[45]\d\d\b|\b[45]\.\d{1,3}\.\d{1,3}\b|unknown|no such|not found|does not exist"
@@ -176,13 +179,21 @@ def _diagnostic(lines: list[str], i: int, rcpt_lines: set[int]) -> str:
     return " ".join(s.strip() for s in out)
 
 
-def text_recipients(parsed: Parsed, exclude: set[str]) -> list[tuple[str, str]]:
-    """(address, diagnostic) for each failed address a plain-text bounce names."""
+def text_recipients(parsed: Parsed, exclude: set[str],
+                    excluded_strong: dict[str, int] | None = None) -> list[tuple[str, str]]:
+    """(address, diagnostic) for each failed address a plain-text bounce names.
+    `excluded_strong`, when given, collects the sender-side addresses that stood where a
+    failed address stands (alone on a line, or opening an error line): a sender who wrote
+    to itself is bounced too (the caller uses them only when nothing else is found)."""
     text = parsed.notification
     if not text.strip() or not _ADDR_ANY.search(text):
         text = parsed.html_text or text
     text = text[:60000].replace("\r\n", "\n").replace("\r", "\n")
     lines = text.split("\n")
+    # a mailbox the report tells the reader to contact is not a bounced one, wherever else
+    # the report repeats it (a translated paragraph, a signature)
+    exclude = exclude | {a for line in lines if "@" in line and _CONTACT.search(line)
+                         and "recipient" not in line.lower() for a in find_addresses(line)}
     found: dict[str, int] = {}
     strong: set[str] = set()
     for i, line in enumerate(lines):
@@ -198,6 +209,8 @@ def text_recipients(parsed: Parsed, exclude: set[str]) -> list[tuple[str, str]]:
             if _usable(addr, exclude):
                 found.setdefault(addr, i)
                 strong.add(addr)
+            elif excluded_strong is not None and _usable(addr, set()):
+                excluded_strong.setdefault(addr, i)
             continue
         lm = _LEAD.match(line)
         if lm is not None:
@@ -205,12 +218,16 @@ def text_recipients(parsed: Parsed, exclude: set[str]) -> list[tuple[str, str]]:
             if _usable(addr, exclude):
                 found.setdefault(addr, i)
                 strong.add(addr)
+            elif excluded_strong is not None and _usable(addr, set()):
+                excluded_strong.setdefault(addr, i)
         for im in _INLINE.finditer(line):
             addr = im.group("addr").lower().strip(".")
             window = " ".join(lines[max(0, i - 1):i + 3])
             if _usable(addr, exclude) and _ERRORISH.search(window):
                 found.setdefault(addr, i)
                 strong.add(addr)
+    if not found and excluded_strong:
+        found = dict(excluded_strong)
     if not found:
         # last resort inside the report: any address on a line that reads like an error
         for i, line in enumerate(lines):
