@@ -55,7 +55,7 @@ from connectd.records import ConversionRecorded, CustomerUnsubscribed, MessageOp
 OPENED = "message.opened"
 UNSUBSCRIBED = "customer.unsubscribed"
 CONVERTED = "conversion.recorded"
-_SOURCES = {"one-click": "tracker", "page": "tracker", "mail": "reply"}
+SUBSCRIPTION_SOURCES = {"one-click": "tracker", "page": "tracker", "mail": "reply"}
 
 _stats = CustomerStats.__table__
 _facts = MessageFact.__table__
@@ -143,7 +143,8 @@ def opens_to_facts(conn: Connection, records: list[MessageOpened],
 
 # --- unsubscribes ---------------------------------------------------------------------------
 
-def _conversations(conn: Connection, instances: set[int], cache: dict[str, Any]) -> dict[int, int]:
+def instance_conversations(conn: Connection, instances: set[int],
+                           cache: dict[str, Any]) -> dict[int, int]:
     """instance -> the conversation of its message's campaign (instances of a campaign outside
     any conversation are left out); remembered: an instance never changes campaign."""
     known: dict[int, int | None] = cache.setdefault("instance_conversation", {})
@@ -187,13 +188,13 @@ _ALL_OUT_PG = (
 def unsubscribes_to_subscriptions(conn: Connection, records: list[CustomerUnsubscribed],
                                   cache: dict[str, Any]) -> None:
     dialect = conn.dialect.name
-    found = _conversations(conn, {r.instance for r in records if r.instance is not None
+    found = instance_conversations(conn, {r.instance for r in records if r.instance is not None
                                   and r.conversation is None and r.scope == "conversation"},
                            cache)
     one: dict[tuple[int, int], tuple[str, str]] = {}  # (customer, conversation) -> ts, source
     everything: dict[int, tuple[str, str]] = {}  # customer -> ts, source
     for r in records:
-        source = _SOURCES.get(r.via, r.via or "tracker")[:32]
+        source = SUBSCRIPTION_SOURCES.get(r.via, r.via or "tracker")[:32]
         conversation = r.conversation if r.conversation is not None else found.get(
             r.instance)  # type: ignore[arg-type]
         if r.scope == "all" or conversation is None:

@@ -59,8 +59,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from connectd import log
 from connectd.appliers import applies, hits
-from connectd.appliers.engagement import _SOURCES
-from connectd.appliers.engagement import _conversations as instance_conversations
+from connectd.appliers.engagement import SUBSCRIPTION_SOURCES, instance_conversations
 from connectd.appliers.sql import db_time, upsert
 from connectd.core import attributes as attrs
 from connectd.db.customer import (
@@ -440,7 +439,7 @@ def subscribes_to_subscriptions(conn: Connection, records: list[CustomerSubscrib
     confirmed: dict[tuple[int, int], tuple[str, str]] = {}  # -> latest (ts, source)
     for r in records:
         key = (customers[r.id], conversations[r.id])
-        source = _SOURCES.get(r.via, r.via or "reply")[:32]
+        source = SUBSCRIPTION_SOURCES.get(r.via, r.via or "reply")[:32]
         if r.confirmed:
             if key not in confirmed or confirmed[key][0] <= r.ts:
                 confirmed[key] = (r.ts, source)
