@@ -279,7 +279,7 @@ def _dsn_verdicts(parsed: Parsed, failed: list[dsn.DsnRecipient]) -> list[Bounce
             diag = f"{diag} {extra}".strip()
         status = r.status
         if status in ("5.0.0", "4.0.0") or status is None:
-            better = reasons.find_status(r.diagnostic)
+            better = reasons.find_status(r.diagnostic) or reasons.find_status(extra[:500])
             status = better or status
         if r.action == "delayed" and not reasons.reason_from_text(r.diagnostic):
             reason, hard = reasons.classify_reason("", status, default="expired")

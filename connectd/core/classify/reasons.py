@@ -23,7 +23,7 @@ HARD_REASONS = frozenset({"userunknown", "hostunknown", "hasmoved"})
 # Ordered: the first matching reason wins, so the specific ones come before the broad ones
 # (a "blocked" spam listing also says "rejected"; "user unknown" beats "550 rejected").
 _PHRASES: list[tuple[str, str]] = [
-    ("rejected", r"sender address rejected|domain of sender address|sender (?:domain|address)"
+    ("rejected", r"not have permission to post|sender address rejected|domain of sender address|sender (?:domain|address)"
                  r" (?:does not exist|must (?:exist|resolve)|is invalid|not found|unknown)"
                  r"|sender verify failed|sender verification failed|unverifiable sender"
                  r"|envelope sender|invalid sender|bad sender|sender .{0,40}rejected"),
@@ -70,7 +70,7 @@ _PHRASES: list[tuple[str, str]] = [
                 r"|recipient(?:'s)? (?:account|mailbox) is (?:disabled|inactive)"
                 r"|mailbox (?:currently )?(?:suspended|disabled|inactive)|has been disabled"
                 r"|address is no longer (?:active|in use)|no longer active"),
-    ("hostunknown", r"unrouteable address|\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?"
+    ("hostunknown", r"unrouteable address|dns lookup failure: host|host [a-z0-9.-]+ not found|\b[45]\d\d[ -](?:[45]\.\d{1,3}\.\d{1,3} )?"
                     r"[a-z0-9-]+(?:\.[a-z0-9-]+)+ does not exist|host unknown|unknown host"
                     r"|host not found|domain not found|no such domain"
                     r"|domain (?:does not|doesn't) exist|name or service not known"
@@ -96,7 +96,7 @@ _PHRASES: list[tuple[str, str]] = [
                     r"|bad destination mailbox|not our customer|unknown or illegal alias"
                     r"|no valid recipients|recipient address rejected: (?:access denied|invalid|unknown"
                     r"|user ?unknown|user .{0,60}does not exist)|recipient rejected"
-                    r"|check if (?:the )?(?:e-?mail )?address is correct"
+                    r"|check if (?:the )?(?:e-?mail )?address is correct|and other recipients in the same domain"
                     r"|(?:doesn't|does not) have a .{0,40} account|not listed in"
                     r"|mailbox not (?:found|available|exist)|user (?:doesn't|does not) exist"
                     r"|dd this user doesn't|no such e-?mail|destin\w* (?:address|mailbox) (?:is )?"
@@ -123,7 +123,8 @@ _PHRASES: list[tuple[str, str]] = [
                 r"|dynamic ip|dial-?up|residential"),
     ("policyviolation", r"polic(?:y|ies)|prohibited|violat|not (?:allowed|permitted)|forbidden"),
     ("securityerror", r"tls required|must (?:issue a starttls|use tls)|encryption required"
-                      r"|authentication required|insecure|security|certificate|starttls"
+                      r"|authentication required|insecure|security (?:policy|error|violation|reason)"
+                      r"|certificate|starttls"
                       r"|submission port|use the smtp server of your isp|smtp auth"),
     ("expired", r"expired|retry time(?:out)?|too long in (?:the )?queue|has been delayed"
                 r"|could not be delivered (?:with|for)in|giving up|gave up|delivery time"
@@ -137,7 +138,7 @@ _PHRASES: list[tuple[str, str]] = [
     ("rejected", r"sender (?:address )?(?:rejected|refused|denied|verify failed|unknown|blocked)"
                  r"|domain of sender|sender domain|from address|mail from|return path|envelope"
                  r"|sender verification|sender address|invalid sender|bad sender"
-                 r"|sender .{0,40}not (?:valid|exist)|rejected"),
+                 r"|sender .{0,40}not (?:valid|exist)"),
     ("notaccept", r"does not accept (?:any )?mail|not accepting (?:any )?mail|null mx"
                   r"|accepts no mail|no mail service"),
     ("networkerror", r"connection (?:refused|reset|timed out|closed|lost|failed)|network"
@@ -282,8 +283,9 @@ _FILTER_STATUS = frozenset({"2.0", "2.1", "2.4", "1.4", "7.1", "7.0"})
 _ANY_REPLY = re.compile(r"(?<![\d.])[45][0-5]\d(?![\d.])")
 _ADDRESS_STATUS = frozenset({"1.0", "1.1", "1.3"})  # statuses that name the mailbox itself
 _STAGE = re.compile(r"(?:after|in reply to|did not like our|while (?:sending|talking)"
-                    r"|>>>)\s*(?:end of |our final |the )?(MAIL FROM|RCPT TO|DATA|RCPT|MAIL)\b",
-                    re.I)
+                    r"|>>>)\s*(?:end of |our final |the )?(MAIL FROM|RCPT TO|DATA|RCPT|MAIL)\b"
+                    r"|does not like (recipient)|(failed after I sent the message)"
+                    r"|(does not like sender)", re.I)
 # An SMTP command echoed in upper case in a transcript or reply ("RCPT TO:<a@b>", ">>> DATA"):
 # the latest stage named is the one refused. Case-sensitive on purpose: "data" in prose is
 # not a command.
@@ -305,12 +307,16 @@ def _stage(text: str) -> str | None:
         return None
     m = _STAGE.search(text)
     if m is not None:
-        word = m.group(1).upper()
+        # qmail's own words: "does not like recipient" (RCPT), "failed after I sent the
+        # message" (DATA), "does not like sender" (MAIL)
+        word = (m.group(1) or ("RCPT" if m.group(2) else "DATA" if m.group(3) else "MAIL")).upper()
         return "mail" if word.startswith("MAIL") else "rcpt" if word.startswith("RCPT") else "data"
     best = -1
     for c in _COMMAND.finditer(text):
         best = max(best, _ORDER[c.group(1)])
-    return (None, "connect", "mail", "rcpt", "data")[best + 1]
+    # an echoed MAIL FROM / EHLO alone is too often a summary line ("MAIL FROM: a@b") to
+    # blame the sender for the refusal: only RCPT and DATA count from echoes
+    return "rcpt" if best == 2 else "data" if best == 3 else None
 
 
 def _permanent(status: str | None, reply: str | None) -> bool | None:

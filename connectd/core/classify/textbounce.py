@@ -84,7 +84,7 @@ _NOT_RCPT_LINE = re.compile(
     r"|Resent-From|List-[\w-]+)\s*:|MAIL FROM|envelope-from|smtp.mailfrom|header.from"
     r"|\bby\s+\S+\s+with\b|postmaster@|abuse@|(?:contact|e-?mail|write to|reach)\s+(?:the\s+)?"
     r"(?:postmaster|administrator|helpdesk|support)|contact\s*:?\s*<?[^\s@<>]+@|\bsent (?:by|from)\b|\bfrom\s+<", re.I)
-_CONTACT = re.compile(r"(?:contact|write to|send mail to|e-?mail|reach)\s+(?:us\s+at\s+|the\s+)?"
+_CONTACT = re.compile(r"(?:contact|write to|send mail to)\s+(?:us\s+at\s+|the\s+)?"
                       r"(?:postmaster|administrator|helpdesk|support|us)?\s*(?:at\s+)?<?[^\s@<>]+@"
                       r"|please contact|for (?:further )?assistance", re.I)
 _LOCAL_NEVER = re.compile(r"^(?:mailer-daemon|postmaster|mail-daemon|abuse)$", re.I)
