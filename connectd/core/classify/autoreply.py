@@ -27,7 +27,7 @@ _SUBJECT = re.compile(
     r"|不在|自動応答|自動返信|休暇|自动回复|休假|외출|부재|자동 응답"
     r"|отсутств|автоответ|в отпуске|автоматический ответ"
     r"|thank you for (?:your|contacting)|we have received your|ticket (?:received|#)"
-    r"|request received|your message has been received", re.I)
+    r"|request received|your message has been received".lower())
 _BODY = re.compile(
     r"(?:i am|i'm|i will be|i'll be) (?:currently )?(?:out of (?:the )?office|away|on (?:vacation"
     r"|holiday|leave|annual leave|parental leave|sick leave)|travell?ing|not in the office"
@@ -42,13 +42,13 @@ _BODY = re.compile(
     r"|this (?:is an? |)(?:auto-?reply|automated (?:reply|response))"
     r"|will (?:respond|reply|get back to you) (?:to your (?:e-?mail|message) )?(?:as soon as|when|upon)"
     r"|please (?:contact|email|e-mail) .{0,80} (?:in my absence|while i am away|for urgent)"
-    r"|back in the office|return(?:ing)? (?:to the office )?on", re.I)
+    r"|back in the office|return(?:ing)? (?:to the office )?on".lower())
 _CHALLENGE = re.compile(
     r"verify (?:that )?you are (?:a )?(?:human|real|person)|challenge[- ]response"
     r"|please (?:verify|confirm) (?:your|that you)|(?:spam|junk) (?:protection|filter).{0,80}"
     r"(?:verify|confirm|reply)|held (?:pending|until) .{0,40}(?:verif|confirm)"
     r"|my spam blocker|sender verification|approve (?:your|this) (?:message|email)"
-    r"|boxbe|spamarrest|mailblocks|choicemail|sorting your e-?mail", re.I)
+    r"|boxbe|spamarrest|mailblocks|choicemail|sorting your e-?mail".lower())
 
 _UNSUB = re.compile(
     r"^\s*(?:unsubscribe|unsub|remove me|remove|stop|opt[- ]?out|cancel(?: subscription)?"
@@ -76,9 +76,11 @@ def autoreply_reason(parsed: Parsed, subject: str, body: str) -> tuple[str, bool
         or parsed.get("X-POST-MessageClass").lower().startswith("9; autoresponder")
         or "autoreply" in parsed.get("X-Mailer").lower()
         or "vacation" in parsed.get("X-Mailer").lower())
-    head = body[:3000]
+    # the patterns are lower case and compiled without re.I: matching lowered text is ~2x faster
+    head = body[:3000].lower()
+    subject = subject.lower()
     if _CHALLENGE.search(subject) or _CHALLENGE.search(head):
-        if flagged or precedence in ("bulk", "junk") or re.search(r"verif|confirm", subject, re.I):
+        if flagged or precedence in ("bulk", "junk") or re.search(r"verif|confirm", subject):
             return "challenge", True
     if _SUBJECT.search(subject):
         return "vacation", True

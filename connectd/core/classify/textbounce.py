@@ -54,7 +54,7 @@ _BODY = re.compile(
     r"|did not reach|not reach the following|failed to deliver|could not send"
     r"|SMTP error|host .{0,80} said:|remote host said|said: [45]\d\d|<[^>]+>\.\.\."
     r"|not be delivered|no se pudo entregar|nicht zugestellt|n'a pas pu être remis"
-    r"|user unknown|no such user|mailbox (?:is )?full|over quota|does not exist", re.I)
+    r"|user unknown|no such user|mailbox (?:is )?full|over quota|does not exist".lower())
 
 # An address alone on its line (the common layout), with the decorations MTAs put around it.
 _ALONE = re.compile(
@@ -110,7 +110,7 @@ def bounce_evidence(parsed: Parsed, sender: str, from_header: str, subject: str)
         score += 2
     if parsed.get("X-Failed-Recipients"):
         score += 3
-    if _BODY.search(parsed.notification[:20000] or parsed.html_text[:20000]):
+    if _BODY.search((parsed.notification[:20000] or parsed.html_text[:20000]).lower()):
         score += 1
     if parsed.report_type == "delivery-status" or parsed.statuses:
         score += 3
