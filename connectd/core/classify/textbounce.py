@@ -61,14 +61,14 @@ _ALONE = re.compile(
     r"^[ \t>*-]*(?:\d+\.\s*)?(?:(?:Intended |Failed |Original |Final )?Recipient(?:\(s\))?:\s*"
     r"|[A-Za-z][\w-]{1,20}:\s*)?"
     r"(?:\"[^\"\n@]{0,60}\"\s*|[^\"<>@\n]{0,60}?(?=<))?[<\[(\"']?(?:mailto:|SMTP:|RFC822:|rfc822;\s*)?"
-    r"(?P<addr>[^\s<>()\[\]@\"']+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})[>\])\"']?"
+    r"(?P<addr>[^\s<>()\[\]@\"']+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24})[>\])\"']?"
     r"[ \t]*(?::|\.\.\.|,|;|#|\.)?[ \t]*"
-    r"(?:\((?:expanded from|generated from|[^)]{0,80}@[^)]{0,80})[^)]*\)?|\(?[^()\n]*@[^()\n]*\)?"
+    r"(?:\((?:expanded from|generated from|[^)]{0,80}@[^)]{0,80})[^)]*\)?|\([^()\n]*@[^()\n]*\)|<[^<>\s]+@[^<>\s]+>"
     r"|on (?:\w{3}|\d{1,2}/\d{1,2}/\d{2,4}).{0,40}|<mailto:[^>]*>|\(\d+\)|\(UNKNOWN\)|\(expanded from:?)?[ \t]*$", re.M | re.I)
 # An address opening its line, then the error: "<a@b>: host x said: 550 ...", "a@b: No MX".
 _LEAD = re.compile(
-    r"^[ \t>*-]*(?:<(?P<a1>[^\s<>()\[\]@\"']+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})>"
-    r"|(?P<a2>[^\s<>()\[\]@\"':]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})(?::|\.\.\.)\s)", re.I)
+    r"^[ \t>*-]*(?:<(?P<a1>[^\s<>()\[\]@\"']+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24})>"
+    r"|\[?(?P<a2>[^\s<>()\[\]@\"':]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24})\]?(?::|\.\.\.)\s)", re.I)
 # An address inside an error sentence or SMTP reply.
 _INLINE = re.compile(
     r"(?:RCPT TO:?\s*<?|recipients?:?\s*<?|intended recipient:?\s*<?|SMTP[=:]\s*<?"
@@ -77,7 +77,7 @@ _INLINE = re.compile(
     r"|addressed to\s+<?|mail to\s+<?|deliver(?: your message)? to\s+<?|sent to\s+<?"
     r"|for\s+<|failed:\s*<?|address(?:es)?:?\s+<|user\s+<|mailbox\s+<?|recipient address\s+<?"
     r"|[45]\d\d[ -](?:\d\.\d{1,3}\.\d{1,3}\s+)?<?|\bto\s+<)"
-    r"(?P<addr>[^\s<>()\[\]@\"',;:]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,24})", re.I)
+    r"(?P<addr>[^\s<>()\[\]@\"',;:]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24})", re.I)
 _NOT_RCPT_LINE = re.compile(
     r"^[ \t>*-]*(?:From|To|Cc|Bcc|Reply-To|Return-Path|Sender|Message-ID|In-Reply-To|References"
     r"|Received|X-[\w-]+|Errors-To|Envelope-From|DKIM-Signature|Authentication-Results"
@@ -87,13 +87,15 @@ _NOT_RCPT_LINE = re.compile(
 _CONTACT = re.compile(r"(?:contact|write to|send mail to)\s+(?:us\s+at\s+|the\s+)?"
                       r"(?:postmaster|administrator|helpdesk|support|us)?\s*(?:at\s+)?<?[^\s@<>]+@"
                       r"|please contact|for (?:further )?assistance", re.I)
+_GENERATED = re.compile(r"^[ \t]*\((?:ultimately )?generated from:?\s*<?([^\s<>()@]+@[A-Za-z0-9.-]+"
+                        r"\.[A-Za-z]{2,24})>?\)", re.I)
 _LOCAL_NEVER = re.compile(r"^(?:mailer-daemon|postmaster|mail-daemon|abuse)$", re.I)
 _ERRORISH = re.compile(
     r"\b[45]\d\d\b|\b[45]\.\d{1,3}\.\d{1,3}\b|unknown|no such|not found|does not exist"
     r"|doesn't exist|invalid|rejected|refused|denied|full|quota|disabled|failed|failure|error"
     r"|unavailable|blocked|spam|not (?:be )?delivered|undeliverable|couldn't|could not"
     r"|unable|expired|timed? ?out|permanent|fatal|said|reason|deferred|delayed|not known"
-    r"|wrong|no longer|postponed|bounced|returned", re.I)
+    r"|wrong|no longer|postponed|bounced|returned|not recognized|did not reach", re.I)
 _ERROR_STRICT = re.compile(
     r"\b[45]\d\d\b|\b[45]\.\d{1,3}\.\d{1,3}\b|unknown|no such|not found|does not exist"
     r"|doesn't exist|invalid|rejected|refused|full|quota|disabled|undeliverable|not delivered"
@@ -228,6 +230,12 @@ def text_recipients(parsed: Parsed, exclude: set[str],
                 strong.add(addr)
     if not found and excluded_strong:
         found = dict(excluded_strong)
+    if not found:
+        # Exim: "an undisclosed address\n  (generated from a@b)": the alias the sender used
+        for i, line in enumerate(lines):
+            g = _GENERATED.match(line)
+            if g is not None and _usable(g.group(1).lower(), exclude):
+                found.setdefault(g.group(1).lower(), i)
     if not found:
         # last resort inside the report: any address on a line that reads like an error
         for i, line in enumerate(lines):
