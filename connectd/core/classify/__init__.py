@@ -309,12 +309,13 @@ def _text_verdicts(parsed: Parsed, evidence: int) -> list[BouncedRecipient]:
                                r"|delivery (?:is )?delayed|temporar|\bdelay|warning:",
                                notification[:6000] + parsed.get("Subject"), re.I))
     reporter = parsed.get("From").rpartition("@")[2].strip("> ").lower()
+    report_hosts = rhost.hosts_in(notification[:6000])
     out = []
     for addr, diag in found:
         text = diag if reasons.reason_from_text(diag) else f"{diag}\n{notification[:3000]}"
         status = reasons.find_status(diag) or None
         default = "expired" if temporary else None
-        hosts = (*rhost.hosts_in(diag), addr.rpartition("@")[2], reporter)
+        hosts = (*rhost.hosts_in(diag), addr.rpartition("@")[2], *report_hosts, reporter)
         reason, hard = reasons.classify_reason(text, status, default=default, hosts=hosts)
         if status is None:
             status = reasons.status_for(reason, temporary and reason not in

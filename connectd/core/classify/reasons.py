@@ -294,10 +294,10 @@ _ORDER = {"EHLO": 0, "HELO": 0, "MAIL F": 1, "RCPT": 2, "DATA": 3}
 
 
 def _address_detail(sub: str) -> bool:
-    """A vendor detail under subject 1 ("1.351", Exchange's "recipient not found"): about
-    the destination address, unless it is one of the standard non-mailbox ones."""
+    """A status under subject 1 (addressing) other than the sender's (x.1.7, x.1.8): about the
+    destination address, standard or vendor ("1.10", Exchange's "1.351" recipient not found)."""
     head, _, detail = sub.partition(".")
-    return head == "1" and detail.isdigit() and int(detail) > 10
+    return head == "1" and detail.isdigit() and detail not in ("7", "8")
 
 
 def _stage(text: str) -> str | None:

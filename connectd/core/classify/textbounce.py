@@ -197,6 +197,7 @@ def text_recipients(parsed: Parsed, exclude: set[str],
     exclude = exclude | {a for line in lines if "@" in line and _CONTACT.search(line)
                          and "recipient" not in line.lower() for a in find_addresses(line)}
     found: dict[str, int] = {}
+    layout: set[str] = set()  # addresses seen alone on their line
     strong: set[str] = set()
     for i, line in enumerate(lines):
         if "@" not in line or len(line) > 2000:
@@ -209,7 +210,11 @@ def text_recipients(parsed: Parsed, exclude: set[str],
             if addr.startswith("mailto:"):
                 addr = addr[7:]
             if _usable(addr, exclude):
-                found.setdefault(addr, i)
+                if addr not in layout:
+                    # the address alone on its line heads its error block: prefer it to an
+                    # earlier mention in a sentence ("Your message to a@b couldn't be...")
+                    found[addr] = i
+                    layout.add(addr)
                 strong.add(addr)
             elif excluded_strong is not None and _usable(addr, set()):
                 excluded_strong.setdefault(addr, i)
