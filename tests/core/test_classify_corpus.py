@@ -156,7 +156,7 @@ def test_hard_soft_accuracy_meets_the_target() -> None:
 def test_scores_do_not_regress() -> None:
     """Recall, precision and hard/soft stay at least at the level reached (regression floor)."""
     s = score(ROWS)
-    assert s["recall"] >= 0.982 and s["precision"] >= 0.997 and s["hard"] >= 0.972, s
+    assert s["recall"] >= 0.985 and s["precision"] >= 0.997 and s["hard"] >= 0.972, s
 
 
 def test_no_sample_is_decided_by_the_local_part() -> None:

@@ -278,3 +278,12 @@ def test_courier_transcript_rcpt_refusal() -> None:
         "<rcpt@example.net>:\r\n    mx.example.net [192.0.2.1]:\r\n"
         ">>> RCPT TO:<rcpt@example.net>\r\n<<< 550 5.1.1 <rcpt@example.net>... User Unknown\r\n")
     assert verdict(raw) == ("bounce", ("rcpt@example.net",), "userunknown", True)
+
+
+def test_aol_screen_names_take_the_reporting_domain() -> None:
+    """AOL lists failed recipients by bare screen name: the format says the domain is AOL's."""
+    raw = text_bounce(
+        '"Mail Delivery Subsystem" <MAILER-DAEMON@aol.com>', "Mail Delivery Problem",
+        "Your mail to the following recipients could not be delivered because they are not "
+        "accepting mail from shop@shop.example:\r\n\trcptname\r\n")
+    assert verdict(raw)[:2] == ("bounce", ("rcptname@aol.com",))

@@ -236,6 +236,8 @@ def text_recipients(parsed: Parsed, exclude: set[str],
     if not found and excluded_strong:
         found = dict(excluded_strong)
     if not found:
+        found = _aol_screen_names(parsed, lines)
+    if not found:
         # Exim: "an undisclosed address\n  (generated from a@b)": the alias the sender used
         for i, line in enumerate(lines):
             g = _GENERATED.match(line)
@@ -261,6 +263,21 @@ def text_recipients(parsed: Parsed, exclude: set[str],
             found[addr] = next(i for i, line in enumerate(lines) if addr in line.lower())
     rcpt_lines = set(found.values())
     return [(addr, _diagnostic(lines, i, rcpt_lines)) for addr, i in found.items()]
+
+
+_AOL_HEAD = re.compile(r"your mail to the following recipients could not be delivered", re.I)
+_SCREEN_NAME = re.compile(r"^\t[ \t]*([A-Za-z0-9][A-Za-z0-9._-]{1,40})[ \t]*$")
+
+
+def _aol_screen_names(parsed: Parsed, lines: list[str]) -> dict[str, int]:
+    """AOL lists failed recipients by screen name, one per tab-indented line, under "Your
+    mail to the following recipients could not be delivered": the format itself says the
+    domain is the reporting one (aol.com)."""
+    domain = parsed.get("From").rpartition("@")[2].strip("> ").lower()
+    if domain not in ("aol.com", "aol.net") or not any(_AOL_HEAD.search(x) for x in lines[:20]):
+        return {}
+    return {f"{m.group(1).lower()}@{domain}": i for i, line in enumerate(lines[:60])
+            if (m := _SCREEN_NAME.match(line))}
 
 
 def _next(lines: list[str], i: int) -> str:
