@@ -95,6 +95,28 @@ def source(port: int, messages: int, sessions: int, size: int, reuse: bool) -> f
     return elapsed
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by `pid` and every live descendant."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # after "(comm)": state ppid ... utime (index 11) stime (12)
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo.extend(c for c, (ppid, _) in stats.items() if ppid == p)
+    return total
+
+
 def run_sink(messages: int, sessions: int, size: int, reuse: bool) -> dict[str, Any]:
     port = free_port()
     cmd = [tool("smtp-sink") or "smtp-sink"]
@@ -161,7 +183,10 @@ def run_receiver(root: Path, messages: int, sessions: int, size: int,
         wait_port(settings.receiver.port, proc)
         warm = min(messages, 1000)
         source(settings.receiver.port, warm, sessions, size, reuse)
+        cpu_before = tree_cpu(proc.pid)
         elapsed = source(settings.receiver.port, messages, sessions, size, reuse)
+        # CPU% of the receiver (all its processes) during the measured run: ~100 per busy core
+        cpu_s = tree_cpu(proc.pid) - cpu_before
     finally:
         proc.send_signal(signal.SIGTERM)
         status = proc.wait(30)
@@ -169,7 +194,9 @@ def run_receiver(root: Path, messages: int, sessions: int, size: int,
     acked = warm + messages  # smtp-source stops at the first reply that is not 2xx
     lost = acked - check["matching"]
     return {"messages": messages, "seconds": round(elapsed, 3),
-            "msgs_per_s": round(messages / elapsed, 1), "acknowledged": acked, **check,
+            "msgs_per_s": round(messages / elapsed, 1), "cpu_percent": round(cpu_s / elapsed * 100),
+            "cpu_ms_per_msg": round(cpu_s / messages * 1000, 3),
+            "acknowledged": acked, **check,
             "lost": lost, "exit_status": status}
 
 
@@ -200,7 +227,8 @@ def main() -> None:
         print(f"smtp-sink (stores nothing)   {sink['msgs_per_s']:>9,.0f} msgs/s", flush=True)
         ours = run_receiver(Path(tmp), args.messages, args.sessions, args.size, args.reuse)
     ratio = ours["msgs_per_s"] / sink["msgs_per_s"]
-    print(f"receiver (fsynced, recorded) {ours['msgs_per_s']:>9,.0f} msgs/s", flush=True)
+    print(f"receiver (fsynced, recorded) {ours['msgs_per_s']:>9,.0f} msgs/s   "
+          f"receiver CPU {ours['cpu_percent']}%, {ours['cpu_ms_per_msg']} ms a message", flush=True)
     print(f"ratio {ratio:.3f} (target >= {TARGET_RATIO})   acknowledged {ours['acknowledged']:,}  "
           f"stored {ours['files']:,}  records {ours['records']:,}  lost {ours['lost']}", flush=True)
     result = {"bench": "receiver", "loadavg_before": round(load, 2), "reuse": args.reuse,
