@@ -4,6 +4,7 @@ limit, STARTTLS, and that 250 means "on disk" (failing disks answer 451 and keep
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import os
@@ -23,7 +24,7 @@ from connectd import settings as settings_mod
 from connectd import spool as sp
 from connectd.core.tokens import sign_verp
 from connectd.daemon import DaemonFailed
-from connectd.daemons.receiver import STREAM, Receiver, reconcile
+from connectd.daemons.receiver import STREAM, Receiver, SMTPFactory, reconcile
 from connectd.records import MailReceived
 from connectd.secrets import create_secrets, load_secrets, new_key
 from connectd.spool import InboundStore, Spool, SpoolError, encode, make_record
@@ -285,7 +286,8 @@ def test_publish_failure_answers_451(start_receiver: Callable[..., Receiver],
     assert exc.value.smtp_code == 451
     monkeypatch.undo()
     assert stored(r) == [] and records(r) == []
-    assert os.listdir(r.store.tmp_dir) == [] and os.listdir(r.store.pending_dir) == []
+    assert os.listdir(r.store.tmp_dir) == []
+    assert [data for _, data, _ in r.store.pending()] in ([], [b""])  # no batch left pending
 
 
 def test_record_failure_answers_451(start_receiver: Callable[..., Receiver],
@@ -464,6 +466,51 @@ def test_reconcile_drops_unpublished_messages(tmp_path: Path) -> None:
     r.teardown()
     assert records(r) == [] and stored(r) == []
     assert os.listdir(r.store.tmp_dir) == [] and r.store.pending() == []
+
+
+# -- per-connection SMTP objects -----------------------------------------------------------
+
+
+def test_smtp_copies_are_like_fresh_objects() -> None:
+    """SMTPFactory's copies have a fresh SMTP's attributes, methods bound to themselves, and
+    no mutable state shared with each other (besides what __init__ shares itself)."""
+    from aiosmtpd.smtp import SMTP
+
+    class Handler:
+        async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+            return "250 OK"
+
+    loop = asyncio.new_event_loop()
+    try:
+        kwargs = {"hostname": "mx.test", "loop": loop, "data_size_limit": 1000}
+        make = SMTPFactory(Handler(), kwargs)
+        a, b, fresh = make(), make(), SMTP(Handler(), **kwargs)
+        assert set(a.__dict__) == set(fresh.__dict__) | {"command_size_limits"}
+        assert a._smtp_methods["DATA"].__self__ is a and b._smtp_methods["DATA"].__self__ is b
+        assert set(a._smtp_methods) == set(fresh._smtp_methods)
+        assert {k: m.is_builtin for k, m in a._auth_methods.items()} == \
+            {k: m.is_builtin for k, m in fresh._auth_methods.items()}
+        assert all(m.method.__self__ is a for m in a._auth_methods.values() if m.is_builtin)
+        shared_ok = {"event_handler", "loop", "_loop", "_handle_hooks", "_auth_callback"}
+        for key, value in a.__dict__.items():
+            if key not in shared_ok and not isinstance(value, (str, int, float, type(None))):
+                assert value is not b.__dict__[key], key
+        a.command_size_limits["MAIL"] += 26  # what EHLO does with SIZE
+        assert b.command_size_limits["MAIL"] == SMTP.command_size_limit
+    finally:
+        loop.close()
+
+
+def test_many_connections_keep_command_limits(start_receiver: Callable[..., Receiver]) -> None:
+    """After many EHLO sessions the MAIL command limit is still the one SIZE sets once."""
+    r = start_receiver()
+    for _ in range(30):
+        with client(r) as smtp:
+            smtp.ehlo()
+    with client(r) as smtp:
+        smtp.ehlo()
+        code, _ = smtp.docmd("MAIL FROM:<a@example.com> SIZE=10 " + "X" * 600)
+    assert code == 500  # too long: the limit did not grow by 36 per earlier EHLO
 
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
