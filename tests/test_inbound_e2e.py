@@ -24,7 +24,6 @@ from sqlalchemy.pool import NullPool
 
 from connectd import settings as settings_mod
 from connectd.core.tokens import sign_verp
-from connectd.daemons.processor import Processor
 from connectd.secrets import load_secrets
 from connectd.spool import Spool
 
@@ -128,12 +127,8 @@ def world(tmp_path: Path, relay: CountingRelay, db_backend: str,
         conn.execute(insert(AttributeDef).values(name="asked_price", type="boolean", created_at=now))
         if db_backend == "postgresql":  # the seed gave explicit ids: move the sequence past them
             conn.execute(text("SELECT setval(pg_get_serial_sequence('customers', 'id'), 1000)"))
-    # its own process, as `connectd run receiver` runs it (until the CLI registers it)
-    code = ("import sys; from connectd import settings, log; from connectd.daemons.receiver "
-            "import Receiver; log.configure(); "
-            "sys.exit(Receiver(settings.load(sys.argv[1], environ={})).run())")
-    receiver = subprocess.Popen([sys.executable, "-c", code, str(cfg)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    receiver = subprocess.Popen([sys.executable, "-m", "connectd", "--config", str(cfg), "run",
+                                 "receiver"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port)
         yield {"cfg": cfg, "settings": settings, "port": port, "engine": engine,
@@ -155,9 +150,8 @@ def verp(w: dict, kind: str, customer: int) -> str:
 
 
 def process_and_apply(w: dict) -> None:
-    deadline = time.monotonic() + 10
-    while Processor(w["settings"]).run_until_idle() == 0 and time.monotonic() < deadline:
-        time.sleep(0.2)  # the receiver's records are written before its 250: should not wait
+    # the receiver's records are durable before its 250, so one pass of each finds them all
+    connectd(w["cfg"], "run", "processor", "--once")
     connectd(w["cfg"], "run", "profiler", "--once")
 
 
