@@ -61,17 +61,26 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import functools
+import itertools
 import os
+import pickle
 import queue
 import re
+import selectors
+import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import uvloop
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
@@ -500,14 +509,269 @@ class SMTPFactory:
 
 
 class ReceiverController(Controller):
-    """aiosmtpd's Controller with SMTPFactory making the per-connection objects."""
+    """aiosmtpd's Controller with SMTPFactory making the per-connection objects, and, in a
+    worker process, serving a listening socket it is given (SO_REUSEPORT, one per worker)."""
 
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
+    def __init__(self, handler: Any, *, sock: socket.socket | None = None, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._make_smtp = SMTPFactory(handler, self.SMTP_kwargs)
+        self._sock = sock
 
     def factory(self) -> SMTP:
         return self._make_smtp()
+
+    def _create_server(self) -> Any:
+        if self._sock is None:
+            return super()._create_server()
+        return self.loop.create_server(self._factory_invoker, sock=self._sock,
+                                       ssl=self.ssl_context)
+
+    def _trigger_server(self) -> None:
+        if self._sock is None:
+            super()._trigger_server()
+        else:
+            # aiosmtpd connects to itself to build a first SMTP object; with SO_REUSEPORT
+            # that connection may reach a sibling worker: build it in our loop instead
+            self.loop.call_soon_threadsafe(self._factory_invoker)
+
+
+# -- worker processes (receiver.processes > 1) -------------------------------------------
+#
+# Each worker runs aiosmtpd on its own SO_REUSEPORT socket (the kernel spreads connections
+# over them) and writes and fsyncs each message in tmp/ itself; it then sends the message's
+# name and envelope to the parent over a SOCK_SEQPACKET socketpair (one datagram a message)
+# and answers the session when the parent's reply comes. The parent's Committer is the
+# in-process one: every message of every worker ready at a commit shares its journal write,
+# renames, new/ fsync, append and stream fsync, so the stream keeps one writer.
+
+_DATAGRAM = 1 << 18
+WORKER_START_TIMEOUT = 30.0  # seconds for every worker to listen
+WORKER_STOP_TIMEOUT = 35.0  # a worker waits up to 30 s for its last answers
+MAX_RESTARTS = 10  # worker deaths within RESTART_WINDOW seconds that stop the receiver
+RESTART_WINDOW = 60.0  # a request: the envelope (<= 100 recipients); a reply: a few dozen bytes
+
+
+class RemoteCommitter:
+    """A worker's stand-in for the Committer: submit() sends the message to the parent and
+    resolves the future with the parent's answer (the record, or SpoolError -> 451)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._seq = itertools.count(1)
+        self._waiting: dict[int, tuple[str, concurrent.futures.Future[dict[str, Any]]]] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._read, name="receiver-replies", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, name: str, fields: dict[str, Any],
+               future: concurrent.futures.Future[dict[str, Any]] | None = None,
+               ) -> concurrent.futures.Future[dict[str, Any]]:
+        future = concurrent.futures.Future() if future is None else future
+        with self._lock:
+            seq = next(self._seq)
+            self._waiting[seq] = (name, future)
+        try:
+            self.sock.send(orjson.dumps([seq, name, fields]))
+        except OSError as exc:
+            with self._lock:
+                self._waiting.pop(seq, None)
+            future.set_exception(SpoolError(f"receiver parent unreachable: {exc}"))
+        return future
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(_DATAGRAM)
+            except OSError:
+                data = b""
+            if not data:  # the parent is gone: nothing more will be committed
+                self._fail_all()
+                return
+            seq, rec_id, error = orjson.loads(data)
+            with self._lock:
+                name, future = self._waiting.pop(seq)
+            if error is None:
+                future.set_result({"id": rec_id, "message": name})
+            else:
+                future.set_exception(SpoolError(error))
+
+    def _fail_all(self) -> None:
+        with self._lock:
+            waiting, self._waiting = self._waiting, {}
+        for _, future in waiting.values():
+            future.set_exception(SpoolError("receiver parent gone"))
+
+
+class Broker:
+    """The parent's thread that takes the workers' requests and hands them to the Committer;
+    the Committer's thread sends each answer back when its batch is durable (or failed)."""
+
+    def __init__(self, committer: Committer, log: Any) -> None:
+        self.committer = committer
+        self.log = log
+        self.ready: dict[int, int] = {}  # worker number -> pid, once it listens
+        self._selector = selectors.DefaultSelector()
+        self._added: queue.SimpleQueue[tuple[int, socket.socket]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="receiver-broker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def add(self, number: int, sock: socket.socket) -> None:
+        self.ready.pop(number, None)
+        self._added.put((number, sock))
+        os.write(self._wake_w, b"\0")
+
+    def stop(self) -> None:
+        self._stop = True
+        os.write(self._wake_w, b"\0")
+        self._thread.join(timeout=30)
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def _run(self) -> None:
+        while not self._stop:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    os.read(self._wake_r, 4096)
+                    self._register_added()
+                else:
+                    self._receive(key.fileobj, key.data)  # type: ignore[arg-type]
+
+    def _register_added(self) -> None:
+        while True:
+            try:
+                number, sock = self._added.get_nowait()
+            except queue.Empty:
+                return
+            self._selector.register(sock, selectors.EVENT_READ, number)
+
+    def _receive(self, sock: socket.socket, number: int) -> None:
+        try:
+            data = sock.recv(_DATAGRAM)
+        except OSError:
+            data = b""
+        if not data:  # the worker died or stopped: its unanswered sessions retry elsewhere
+            self._selector.unregister(sock)
+            sock.close()
+            return
+        request = orjson.loads(data)
+        if isinstance(request, dict):  # {"ready": pid}
+            self.ready[number] = request["ready"]
+            return
+        seq, name, fields = request
+        try:
+            InboundStore._checked(name)  # a worker names files in tmp/ only
+        except ValueError:
+            self._answer(sock, seq, None, f"bad message name {name!r}")
+            return
+        future = self.committer.submit(name, {"message": name, **fields})
+        future.add_done_callback(functools.partial(self._done, sock, seq))
+
+    def _done(self, sock: socket.socket, seq: int,
+              future: concurrent.futures.Future[dict[str, Any]]) -> None:
+        exc = future.exception()
+        if exc is None:
+            self._answer(sock, seq, future.result()["id"], None)
+        else:
+            self._answer(sock, seq, None, str(exc) or type(exc).__name__)
+
+    def _answer(self, sock: socket.socket, seq: int, rec_id: str | None, error: str | None) -> None:
+        try:
+            sock.send(orjson.dumps([seq, rec_id, error]))
+        except OSError:
+            pass  # the worker is gone; its client got no 250 and will retry
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEPORT (not yet listening)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _worker_entry() -> None:
+    """`python -c` entry of a worker process: argv = [fd of its socketpair end, parent pid,
+    worker number]; the pickled Settings come on stdin."""
+    fd, parent, number = (int(a) for a in sys.argv[1:4])
+    _die_with_parent(parent)
+    settings = pickle.loads(sys.stdin.buffer.read())
+    os.environ.pop("NOTIFY_SOCKET", None)  # the parent talks to systemd
+    from connectd import log as log_mod
+
+    log_mod.configure(settings.log.level, settings.log.format)
+    sys.exit(run_worker(settings, socket.socket(fileno=fd), number))
+
+
+def run_worker(settings: Settings, link: socket.socket, number: int) -> int:
+    """Serve SMTP on a SO_REUSEPORT socket until SIGTERM; each message is written in tmp/
+    here and committed by the parent. Returns the exit status."""
+    from connectd import log as log_mod
+
+    logger = log_mod.get(daemon="receiver", worker=number)
+    r = settings.receiver
+    secrets = load_secrets(settings.paths.secrets)
+    policy = RecipientPolicy((r.domain, *r.domains), r.mailboxes, secrets.verp_keys)
+    store = inbound_store(settings)
+    remote = RemoteCommitter(link)
+    remote.start()
+    pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="receiver-write")
+    handler = ReceiverHandler(policy, store, remote, pool, logger)  # type: ignore[arg-type]
+    sock = reuseport_socket(r.host, r.port)
+    sock.listen(1024)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    controller = ReceiverController(
+        handler, sock=sock, loop=uvloop.new_event_loop(), data_size_limit=r.max_size,
+        enable_SMTPUTF8=True, decode_data=False, tls_context=tls_context(settings),
+        require_starttls=False, timeout=r.timeout, server_hostname=socket.gethostname(),
+        ident="connectd receiver")
+    controller.start()
+    link.send(orjson.dumps({"ready": os.getpid()}))
+    while not stop.wait(1.0):
+        pass
+    controller.stop()  # no new sessions; sessions still in DATA get no answer (they retry)
+    pool.shutdown(wait=True)
+    deadline = time.monotonic() + 30
+    while remote.waiting() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the parent commits what we handed over
+    return 0
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL from the kernel when the parent dies: no orphan keeps the port. A worker holds
+    nothing that was acknowledged (the parent answers only once the batch is durable)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -529,9 +793,13 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 class Receiver(Daemon):
     name = "receiver"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, processes: int | None = None) -> None:
         super().__init__(settings)
         r = settings.receiver
+        # receiver.processes (until settings.py has it: 1): 1 serves SMTP in this process;
+        # more runs that many worker processes, this one committing for all; 0 = one a core
+        wanted = getattr(r, "processes", 1) if processes is None else processes
+        self.processes = wanted if wanted > 0 else (os.cpu_count() or 1)
         try:
             secrets = load_secrets(settings.paths.secrets)  # a missing key file is a config error
         except SecretsError as exc:
@@ -545,6 +813,10 @@ class Receiver(Daemon):
         self.handler: ReceiverHandler | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._controller: Controller | None = None
+        self.broker: Broker | None = None
+        self.workers: dict[int, subprocess.Popen[bytes]] = {}
+        self.deaths: list[float] = []
+        self._port: socket.socket | None = None
 
     def setup(self) -> None:
         r = self.settings.receiver
@@ -561,6 +833,9 @@ class Receiver(Daemon):
             self.log.warning("reconciled", records=appended)
         self.committer = Committer(self.store, self.writer, self.log)
         self.committer.start()
+        if self.processes > 1:
+            self._start_workers()
+            return
         # enough threads that every session of a busy MX can have its fsync in flight
         self._pool = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="receiver-write")
         self.handler = ReceiverHandler(self.policy, self.store, self.committer, self._pool, self.log)
@@ -579,8 +854,63 @@ class Receiver(Daemon):
         self.log.info("listening", host=r.host, port=r.port, domains=sorted(self.policy.domains),
                       starttls=self.tls is not None, store=str(self.store.root))
 
+    def _start_workers(self) -> None:
+        r = self.settings.receiver
+        try:
+            # hold the port (bound, not listening): a port in use fails the start here
+            self._port = reuseport_socket(r.host, r.port)
+        except OSError as exc:
+            self.teardown()
+            raise DaemonFailed(f"receiver cannot listen on {r.host}:{r.port}: {exc}") from None
+        assert self.committer is not None
+        self.broker = Broker(self.committer, self.log)
+        self.broker.start()
+        signal.signal(signal.SIGCHLD, lambda *_: self.wake())
+        for number in range(1, self.processes + 1):
+            self._spawn(number)
+        deadline = time.monotonic() + WORKER_START_TIMEOUT
+        while len(self.broker.ready) < self.processes:
+            dead = [n for n, p in self.workers.items() if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                self.teardown()
+                raise DaemonFailed(f"receiver workers {dead or 'all'} did not start")
+            time.sleep(0.01)
+        self.log.info("listening", host=r.host, port=r.port, domains=sorted(self.policy.domains),
+                      starttls=self.tls is not None, store=str(self.store.root),
+                      workers=self.processes)
+
+    def _spawn(self, number: int) -> None:
+        """Start worker `number`: a fresh interpreter (no fork of a process with threads)."""
+        assert self.broker is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from connectd.daemons.receiver import _worker_entry; "
+                 "_worker_entry()", str(theirs.fileno()), str(os.getpid()), str(number)],
+                stdin=subprocess.PIPE, pass_fds=(theirs.fileno(),))
+        finally:
+            theirs.close()
+        assert proc.stdin is not None
+        proc.stdin.write(pickle.dumps(self.settings))
+        proc.stdin.close()
+        self.workers[number] = proc
+        self.broker.add(number, ours)
+
     def step(self) -> int:
-        return 0  # the server works in its own thread; the loop only waits for signals
+        """Restart a worker that died (SIGCHLD wakes the loop); in one process, nothing to do:
+        the server works in its own thread and the loop only waits for signals."""
+        for number, proc in list(self.workers.items()):
+            if proc.poll() is None or self._stopping:
+                continue
+            now = time.monotonic()
+            self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW] + [now]
+            if len(self.deaths) > MAX_RESTARTS:
+                raise DaemonFailed(f"{len(self.deaths)} receiver workers died within "
+                                   f"{RESTART_WINDOW:.0f} s; stopping")
+            self.log.warning("worker died; restarting it", worker=number, status=proc.returncode)
+            self._spawn(number)
+            return 1
+        return 0
 
     def periodic(self) -> None:
         if self.writer is not None:
@@ -588,6 +918,7 @@ class Receiver(Daemon):
 
     def teardown(self) -> None:
         # stop taking mail first, then commit what sessions already handed over
+        self._stop_workers()
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
@@ -597,6 +928,31 @@ class Receiver(Daemon):
         if self.committer is not None:
             self.committer.stop()
             self.committer = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+    def _stop_workers(self) -> None:
+        """TERM the workers (each stops taking sessions and waits for the answers to what it
+        handed over; the committer is still running), then kill any that lingers."""
+        if not self.workers:
+            return
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT
+        for number, proc in self.workers.items():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.warning("worker did not stop in time; killing it", worker=number)
+                proc.kill()  # what it had not been answered for is not acknowledged
+                proc.wait()
+        self.workers = {}
+        if self._port is not None:
+            self._port.close()
+            self._port = None
