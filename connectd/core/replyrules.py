@@ -59,8 +59,8 @@ KINDS = ("bounce", "autoreply", "feedback", "delivered", "unsubscribe", "subscri
 VERP_KINDS = ("b", "unsubscribe", "confirm")
 ACTIONS = ("unsubscribe", "subscribe", "confirm", "bounce", "complaint", "set_attribute",
            "event", "forward", "archive", "reply", "pipe")
-MATCH_KEYS = ("kind", "hard", "context", "verp", "from", "headers", "subject_keywords",
-              "subject_regex", "body_keywords", "body_regex")
+MATCH_KEYS = ("kind", "hard", "context", "verp", "feedback_type", "from", "headers",
+              "subject_keywords", "subject_regex", "body_keywords", "body_regex")
 KEYS = ("name", "actions", *MATCH_KEYS)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # also an archive folder name
 _TEMPLATES = ImmutableSandboxedEnvironment(autoescape=False, keep_trailing_newline=True)
@@ -87,6 +87,7 @@ class Handler:
     hard: bool | None = None
     context: str | None = None
     verp: frozenset[str] | None = None
+    feedback_type: frozenset[str] | None = None  # ARF Feedback-Type, lower case
     sender: re.Pattern[str] | None = None
     headers: tuple[tuple[str, re.Pattern[str]], ...] = ()
     subject_keywords: re.Pattern[str] | None = None
@@ -103,6 +104,7 @@ class Facts:
     hard: bool | None = None
     customer: int | None = None
     verp_kind: str | None = None
+    feedback_type: str | None = None
     sender: str = ""
     subject: str = ""
     headers: tuple[tuple[str, str], ...] = ()
@@ -140,6 +142,9 @@ def matches(handler: Handler, facts: Facts) -> bool:
     if handler.context is not None and (facts.customer is not None) != (handler.context == "found"):
         return False
     if handler.verp is not None and facts.verp_kind not in handler.verp:
+        return False
+    if handler.feedback_type is not None and \
+            (facts.feedback_type or "").lower() not in handler.feedback_type:
         return False
     if handler.sender is not None and not handler.sender.search(facts.sender):
         return False
@@ -242,6 +247,7 @@ def _handler(table: Mapping[str, Any], where: str, base: Path | None) -> Handler
         hard=_bool(table, "hard", err),
         context=_context(table, err),
         verp=_choices(table, "verp", VERP_KINDS, err),
+        feedback_type=_words(table, "feedback_type", err),
         sender=_regex(table, "from", err),
         headers=_headers(table, err),
         subject_keywords=_keywords(table, "subject_keywords", err),
@@ -264,6 +270,19 @@ def _choices(table: Mapping[str, Any], key: str, allowed: Sequence[str],
     if bad:
         raise err(key, f"{bad[0]!r} is not one of {', '.join(allowed)}")
     return frozenset(value)
+
+
+def _words(table: Mapping[str, Any], key: str, err: _Where) -> frozenset[str] | None:
+    """A non-empty list of free words (any case), e.g. ARF feedback types."""
+    if key not in table:
+        return None
+    value = table[key]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or \
+            not all(isinstance(v, str) and v.strip() for v in value):
+        raise err(key, f"expected a non-empty list of strings, got {value!r}")
+    return frozenset(v.strip().lower() for v in value)
 
 
 def _bool(table: Mapping[str, Any], key: str, err: _Where) -> bool | None:

@@ -278,7 +278,8 @@ class Processor(Daemon):
         cls = self._classify(raw, rec, errors)
         res = self.resolve(cls, rec)
         facts = Facts(kind=cls.kind, hard=cls.hard, customer=res.customer,
-                      verp_kind=res.verp_kind, sender=cls.sender, subject=cls.subject,
+                      verp_kind=res.verp_kind, feedback_type=cls.feedback_type,
+                      sender=cls.sender, subject=cls.subject,
                       headers=cls.headers, body=cls.body)
         handler = first_match(self.chain, facts)
         ctx = Context(received=rec.id, message=rec.message, kind=cls.kind,

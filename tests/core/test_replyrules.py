@@ -23,7 +23,7 @@ def facts(**kw: object) -> rr.Facts:
 
 
 def test_default_chain_loads() -> None:
-    """The shipped etc/reply-handlers.toml is valid and has Connect's handlers in order."""
+    """The shipped default chain is valid and has Connect's handlers in order."""
     names = [h.name for h in rr.load_chain(DEFAULT)]
     order = ["persistent-bounce", "temporary-bounce", "context-not-found", "unsubscribe",
              "auto-reply", "unexpected-reply"]
@@ -36,6 +36,8 @@ def test_default_chain_loads() -> None:
     (facts(kind="bounce", hard=False, customer=1), "temporary-bounce"),
     (facts(kind="bounce", hard=None), "temporary-bounce"),
     (facts(kind="feedback", customer=3), "complaint"),
+    (facts(kind="feedback", customer=3, feedback_type="abuse"), "complaint"),
+    (facts(kind="feedback", customer=3, feedback_type="Opt-Out"), "opt-out-report"),
     (facts(kind="delivered"), "delivery-report"),
     (facts(kind="human", customer=None), "context-not-found"),
     (facts(kind="unsubscribe", customer=None), "context-not-found"),
@@ -142,6 +144,7 @@ def test_reply_template_file(tmp_path: Path) -> None:
     ('[[handler]]\nname = "x"\nactions = [{ reply = "missing.txt" }]\n', ["'x'", "reply", "missing.txt"]),
     ('[[handler]]\nname = "x"\nactions = []\n[[handler]]\nname = "x"\nactions = []\n', ["#2", "twice"]),
     ('handlers = 1\n', ["unknown top-level"]),
+    ('[[handler]]\nname = "x"\nfeedback_type = []\nactions = []\n', ["'x'", "feedback_type"]),
 ])
 def test_bad_files_name_handler_and_key(text: str, words: list[str], tmp_path: Path) -> None:
     """A bad handler file raises SettingsError naming the handler and the key at fault."""
