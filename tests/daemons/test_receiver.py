@@ -12,6 +12,7 @@ import smtplib
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -466,6 +467,98 @@ def test_reconcile_drops_unpublished_messages(tmp_path: Path) -> None:
     r.teardown()
     assert records(r) == [] and stored(r) == []
     assert os.listdir(r.store.tmp_dir) == [] and r.store.pending() == []
+
+
+# -- worker processes (receiver.processes > 1) ---------------------------------------------
+
+
+@pytest.fixture
+def workers_receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A Receiver with 2 worker processes, set up on a free port (torn down at the end)."""
+    r = Receiver(receiver_settings(tmp_path), processes=2)
+    r.setup()
+    yield r
+    r.teardown()
+
+
+def send_many(r: Receiver, count: int, tag: str) -> list[str]:
+    """`count` messages, one connection each, from 4 threads; the names answered 250."""
+    names: list[str] = []
+    lock = threading.Lock()
+
+    def send(i: int) -> None:
+        with client(r) as smtp:
+            smtp.ehlo()
+            smtp.mail("a@example.com")
+            smtp.rcpt("reply@reply.localhost")
+            code, text = smtp.data(message(f"{tag}-{i}"))
+        assert code == 250, text
+        with lock:
+            names.append(text.decode().rsplit(" ", 1)[-1])
+
+    threads = [threading.Thread(target=lambda k=k: [send(i) for i in range(k, count, 4)])
+               for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return names
+
+
+def test_workers_store_and_record_each_message_once(workers_receiver: Receiver) -> None:
+    """With worker processes every message answered 250 has its file and one record, written
+    by the parent for messages that came through both workers."""
+    r = workers_receiver
+    names = send_many(r, 60, "w")
+    assert len(names) == 60 and stored(r) == sorted(names)
+    recs = records(r)
+    assert sorted(x.message for x in recs) == sorted(names)
+    assert all(x.sha256 == hashlib.sha256(r.store.read(x.message)).hexdigest() for x in recs)
+    pids = {n.split(".")[2].split("q")[0] for n in names}  # the writing worker's pid (hex)
+    assert len(pids) == 2  # SO_REUSEPORT spread the connections over both
+    assert os.listdir(r.store.tmp_dir) == []
+
+
+def test_workers_refuse_like_one_process(workers_receiver: Receiver) -> None:
+    """A worker applies the recipient policy and the size limit itself."""
+    r = workers_receiver
+    assert rcpt_reply(r, "someone@elsewhere.example")[0] == 550
+    assert rcpt_reply(r, "nobody-here@reply.localhost")[0] == 550
+    assert rcpt_reply(r, "postmaster@reply.localhost")[0] == 250
+
+
+def test_dead_worker_is_restarted(workers_receiver: Receiver) -> None:
+    """A worker killed with SIGKILL is started again by step(); mail keeps flowing."""
+    r = workers_receiver
+    victim = r.workers[1]
+    os.kill(victim.pid, 9)
+    victim.wait(10)
+    deadline = time.monotonic() + 30
+    while r.step() == 0:
+        assert time.monotonic() < deadline, "the dead worker was not restarted"
+        time.sleep(0.01)
+    assert r.workers[1].pid != victim.pid
+    while len(r.broker.ready) < 2:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline, "the new worker did not start listening"
+        time.sleep(0.01)
+    names = send_many(r, 20, "after")
+    assert len(names) == 20 and len(records(r)) == 20
+    pids = {n.split(".")[2].split("q")[0] for n in names}
+    assert f"{r.workers[1].pid:x}" in pids
+
+
+def test_workers_stop_cleanly(tmp_path: Path) -> None:
+    """TERM-like teardown stops the workers and leaves no pending batch or tmp/ file."""
+    r = Receiver(receiver_settings(tmp_path), processes=2)
+    r.setup()
+    pids = [p.pid for p in r.workers.values()]
+    send_many(r, 8, "stop")
+    r.teardown()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert r.store.pending() == [] and os.listdir(r.store.tmp_dir) == []
+    assert len(records(r)) == 8
 
 
 # -- per-connection SMTP objects -----------------------------------------------------------

@@ -33,18 +33,19 @@ _LAUNCH = ("import sys\n"
            "from connectd.daemons.receiver import Receiver\n"
            "s = settings.load(sys.argv[1])\n"
            "log.configure(s.log.level, 'json')\n"
-           "sys.exit(Receiver(s).run())\n")
+           "sys.exit(Receiver(s, processes=int(sys.argv[2])).run())\n")
 
 
-def launch(config: Path, notify: str) -> subprocess.Popen[bytes]:
-    """`connectd run receiver` in a child process (a direct launcher of the class until the
-    daemon is registered); returns once it has told "systemd" READY=1."""
+def launch(config: Path, notify: str, processes: int = 1) -> subprocess.Popen[bytes]:
+    """`connectd run receiver` in a child process (a direct launcher of the class, with
+    `processes` workers, while settings have no receiver.processes); the caller waits for
+    READY=1."""
     from connectd.daemons import DAEMONS
 
-    if "receiver" in DAEMONS:
+    if "receiver" in DAEMONS and processes == 1:
         cmd = [sys.executable, "-m", "connectd", "--config", str(config), "run", "receiver"]
     else:
-        cmd = [sys.executable, "-c", _LAUNCH, str(config)]
+        cmd = [sys.executable, "-c", _LAUNCH, str(config), str(processes)]
     env = {**os.environ, "NOTIFY_SOCKET": notify}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -109,8 +110,11 @@ def read_records(settings: settings_mod.Settings) -> list[MailReceived]:
 
 
 @pytest.mark.slow
-def test_sigkill_while_sending_loses_nothing_acknowledged(tmp_path: Path, notify_socket) -> None:
-    """SIGKILL at random moments of 6 rounds of 6 busy sessions: every 250 survives, once."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigkill_while_sending_loses_nothing_acknowledged(tmp_path: Path, notify_socket,
+                                                          processes: int) -> None:
+    """SIGKILL (of the parent, when there are workers) at random moments of 6 rounds of 6
+    busy sessions: every 250 survives, once."""
     sock, notify = notify_socket
     rnd = random.Random(int.from_bytes(os.urandom(4), "big"))
     settings = receiver_settings(tmp_path, "max_size = 5000000\n")
@@ -119,7 +123,7 @@ def test_sigkill_while_sending_loses_nothing_acknowledged(tmp_path: Path, notify
     acked: dict[str, tuple[str, str]] = {}
     interrupted = 0
     for round_ in range(ROUNDS):
-        proc = launch(config, notify)
+        proc = launch(config, notify, processes)
         try:
             wait_ready(sock, proc)
             senders = [Sender(port, f"r{round_}s{i}", random.Random(rnd.random()))
@@ -135,7 +139,7 @@ def test_sigkill_while_sending_loses_nothing_acknowledged(tmp_path: Path, notify
             acked.update(s.acked)
             interrupted += s.interrupted
     # a clean start reconciles what the last kill left; a TERM then stops it with status 0
-    proc = launch(config, notify)
+    proc = launch(config, notify, processes)
     wait_ready(sock, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
