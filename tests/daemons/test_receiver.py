@@ -20,6 +20,9 @@ import msgspec
 import pytest
 import structlog
 from conftest import write_config
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from connectd import settings as settings_mod
 from connectd import spool as sp
@@ -592,6 +595,57 @@ def test_smtp_copies_are_like_fresh_objects() -> None:
         assert b.command_size_limits["MAIL"] == SMTP.command_size_limit
     finally:
         loop.close()
+
+
+_PATH_CHARS = "ab.Z09-_+@<>()\" \t[]:=é!{}"
+_PATHS = ["<a@b.c>", "<a@b.c> SIZE=100", "<a@b.c>  BODY=8BITMIME SMTPUTF8", "<>", "<> SIZE=5",
+          "<a@b.c>(comment) X", "<a@b.c>\tX", "<A.b+c@Ex-ample.COM> x", "<a..b@c>", "<a@b..c>",
+          "<\"q u\"@b.c>", "<a@[1.2.3.4]>", " <a@b.c>", "<a@b.c>X", "<a@b.c>  ", "a@b.c",
+          "<@relay:a@b.c>", "<é@b.c>", "<a@b.c> X(y)", "<a@-b.c>", "<a.@b.c>", "<.a@b.c>"]
+
+
+@pytest.mark.parametrize("arg", _PATHS)
+def test_fast_address_path_agrees_with_aiosmtpd(arg: str) -> None:
+    """ReceiverSMTP._getaddr gives what aiosmtpd's parser gives, for plain and odd paths."""
+    from aiosmtpd.smtp import SMTP
+
+    from connectd.daemons.receiver import ReceiverSMTP
+
+    fast = ReceiverSMTP.__new__(ReceiverSMTP)
+    slow = SMTP.__new__(SMTP)
+    assert fast._getaddr(arg) == slow._getaddr(arg)
+
+
+@given(st.text(alphabet=_PATH_CHARS, max_size=30))
+@hsettings(max_examples=400, deadline=None)
+def test_fast_address_path_agrees_on_random_paths(arg: str) -> None:
+    """ReceiverSMTP._getaddr agrees with aiosmtpd's parser on random strings of path
+    characters (the fast path or the fallback, the answer must be the same)."""
+    from aiosmtpd.smtp import SMTP
+
+    from connectd.daemons.receiver import ReceiverSMTP
+
+    fast = ReceiverSMTP.__new__(ReceiverSMTP)
+    slow = SMTP.__new__(SMTP)
+    try:
+        expected = slow._getaddr(arg)
+    except Exception as exc:  # aiosmtpd's own parser may raise on junk: so must we
+        with pytest.raises(type(exc)):
+            fast._getaddr(arg)
+        return
+    assert fast._getaddr(arg) == expected
+
+
+@given(st.from_regex(r"<[a-zA-Z0-9+_-]{1,8}(\.[a-z0-9]{1,4}){0,2}@[a-z0-9-]{1,8}(\.[a-z]{2,4}){0,2}>"
+                     r"( [A-Z]{4}=[0-9]{1,5})?", fullmatch=True))
+@hsettings(max_examples=300, deadline=None)
+def test_fast_address_path_agrees_on_plain_paths(arg: str) -> None:
+    """On plain <local@domain> paths (the fast path's) the answers are aiosmtpd's too."""
+    from aiosmtpd.smtp import SMTP
+
+    from connectd.daemons.receiver import ReceiverSMTP
+
+    assert ReceiverSMTP.__new__(ReceiverSMTP)._getaddr(arg) == SMTP.__new__(SMTP)._getaddr(arg)
 
 
 def test_many_connections_keep_command_limits(start_receiver: Callable[..., Receiver]) -> None:
