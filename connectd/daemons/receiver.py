@@ -83,7 +83,8 @@ from typing import Any
 import orjson
 import uvloop
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import log as smtp_log
 
 from connectd.core.tokens import MAX_TOKEN_LEN, BadToken, verify_verp
 from connectd.daemon import Daemon, DaemonFailed
@@ -472,6 +473,7 @@ def _peer(session: Any) -> str:
     return str(peer or "")
 
 
+FAST_DATA = 1 << 20  # messages up to this size are taken from the buffer in one piece
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # `<local@domain>` (dot-atom local part, LDH domain), then the end or blanks and the
 # parameters (not a comment): everything else (`<>` too) goes to aiosmtpd's own parser
@@ -487,6 +489,82 @@ class ReceiverSMTP(SMTP):
     email package's RFC 5322 header parser for every address: an eighth of a worker's
     Python time. A plain `<local@domain>` gives the same (address, parameters)
     with one regular expression; tests/daemons/test_receiver.py checks both agree."""
+
+    _fallback_354 = False
+
+    async def push(self, status: Any) -> None:
+        if self._fallback_354:  # smtp_DATA's fallback: the client already has its 354
+            self._fallback_354 = False
+            if str(status).startswith("354"):
+                return
+        await super().push(status)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA taken from the stream's buffer in one piece instead of line by line (aiosmtpd
+        awaits readuntil(CRLF) per line: a fifth of a worker's Python). Only when the whole
+        message and its end line are in the buffer within FAST_DATA bytes and no limit is
+        passed; anything else (a size or line-length error, a bigger message, a lost
+        connection, decode_data) is left in the buffer for aiosmtpd's own loop, so answers
+        and stored bytes are aiosmtpd's in every case (tests/daemons/test_receiver.py
+        compares both on the same input)."""
+        reader = self._reader
+        if self._decode_data or not isinstance(getattr(reader, "_buffer", None), bytearray):
+            return await SMTP.smtp_DATA(self, arg)
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return None
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return None
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return None
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        data = await self._whole_data(reader)
+        if data is None:  # aiosmtpd reads it (our 354 is not sent twice)
+            self._fallback_354 = True
+            return await SMTP.smtp_DATA(self, arg)
+        if data.startswith(b".") or b"\r\n." in data:  # RFC 5321 4.5.2: remove the dot
+            data = b"\r\n".join(line[1:] if line.startswith(b".") else line
+                                 for line in data.split(b"\r\n"))
+        self.envelope.content = self.envelope.original_content = data
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
+        return None
+
+    async def _whole_data(self, reader: Any) -> bytes | None:
+        """The message's lines (end line excluded) taken from the buffer, or None, leaving
+        the buffer as it was, when aiosmtpd's line loop must read it."""
+        buf: bytearray = reader._buffer
+        limit = self.data_size_limit
+        saved = reader._limit
+        reader._limit = max(saved, FAST_DATA)  # no pause of the transport below 2 x FAST_DATA
+        try:
+            while True:
+                if buf.startswith(b".\r\n"):  # an empty message
+                    del buf[:3]
+                    return b""
+                end = buf.find(b"\r\n.\r\n")
+                if end >= 0:
+                    data = bytes(buf[:end + 2])
+                    if (limit and len(data) > limit) or max(
+                            map(len, data.split(b"\r\n"))) + 2 > self.line_length_limit:
+                        return None  # aiosmtpd's 552 / 500, after reading the rest its way
+                    del buf[:end + 5]
+                    return data
+                if len(buf) > FAST_DATA or reader._eof or reader._exception is not None:
+                    return None
+                try:
+                    await reader._wait_for_data("smtp_DATA")
+                except asyncio.CancelledError:  # the connection was lost (as aiosmtpd does)
+                    smtp_log.info("Connection lost during DATA")
+                    self._writer.close()
+                    raise
+        finally:
+            reader._limit = saved
+            reader._maybe_resume_transport()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         m = _SIMPLE_PATH.match(arg) if arg else None

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -646,6 +647,116 @@ def test_fast_address_path_agrees_on_plain_paths(arg: str) -> None:
     from connectd.daemons.receiver import ReceiverSMTP
 
     assert ReceiverSMTP.__new__(ReceiverSMTP)._getaddr(arg) == SMTP.__new__(SMTP)._getaddr(arg)
+
+
+class _Recorder:
+    """A handler that keeps what DATA gave it."""
+
+    def __init__(self) -> None:
+        self.contents: list[bytes] = []
+
+    async def handle_DATA(self, server: object, session: object, envelope: Any) -> str:
+        self.contents.append(envelope.original_content)
+        return f"250 OK {len(envelope.original_content)}"
+
+
+@pytest.fixture(scope="module")
+def twin_servers() -> Iterator[tuple[tuple[int, _Recorder], tuple[int, _Recorder]]]:
+    """aiosmtpd's own SMTP and the receiver's ReceiverSMTP, same settings, side by side."""
+    from aiosmtpd.controller import Controller
+
+    from connectd.daemons.receiver import ReceiverController
+
+    servers = []
+    for cls in (Controller, ReceiverController):
+        handler = _Recorder()
+        ctl = cls(handler, hostname="127.0.0.1", port=free_port(), data_size_limit=30_000,
+                  enable_SMTPUTF8=True, decode_data=False, server_hostname="mx.test",
+                  ident="twin")
+        ctl.start()
+        servers.append((ctl, handler))
+    yield tuple((c.port, h) for c, h in servers)  # type: ignore[misc]
+    for ctl, _ in servers:
+        ctl.stop()
+
+
+def transcript(port: int, chunks: list[bytes]) -> bytes:
+    """Everything the server answers to a session that sends `chunks` after DATA's 354,
+    then QUIT (pipelined after the data when the last chunk does not end the message)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        f = s.makefile("rb")
+        out = [f.readline()]
+        for cmd in (b"EHLO client\r\n", b"MAIL FROM:<a@example.com>\r\n",
+                    b"RCPT TO:<b@example.com>\r\n", b"DATA\r\n"):
+            s.sendall(cmd)
+            line = f.readline()
+            while line[3:4] == b"-":
+                line = f.readline()
+            out.append(line)
+        for chunk in chunks:
+            s.sendall(chunk)
+            time.sleep(0.002)
+        s.sendall(b"QUIT\r\n")
+        out.extend(f.readlines())
+    return b"".join(out)
+
+
+_BODIES = {
+    "plain": [b"Subject: x\r\n\r\nhello\r\n.\r\n"],
+    "empty": [b".\r\n"],
+    "one dot line": [b"..\r\n.\r\n"],
+    "dots": [b".a\r\n..b\r\nc.\r\n.\r\n\r\n.\r\n"],
+    "bare lf and cr": [b"a\nb\rc\r\n\n.\n\r\n.\r\n"],
+    "split terminator": [b"abc\r\n", b".", b"\r", b"\n"],
+    "split everywhere": [bytes([c]) for c in b"x\r\n.y\r\n.\r\n"],
+    "pipelined": [b"hi\r\n.\r\nNOOP\r\n"],
+    "line 999": [b"a" * 997 + b"\r\n.\r\n"],
+    "line 1001": [b"a" * 999 + b"\r\n.\r\n"],
+    "line 1002": [b"a" * 1000 + b"\r\n.\r\n"],
+    "line 1004": [b"a" * 1002 + b"\r\n.\r\n"],
+    "long line then more": [b"a" * 1500 + b"\r\nshort\r\n.\r\n"],
+    "at size limit": [(b"x" * 98 + b"\r\n") * 300 + b".\r\n"],
+    "over size limit": [(b"x" * 98 + b"\r\n") * 300 + b"y\r\n.\r\n"],
+    "far over, in pieces": [(b"x" * 98 + b"\r\n") * 200] * 10 + [b".\r\n"],
+    "8 bit": ["Subject: é\r\n\r\nÿ\x00\r\n.\r\n".encode("latin-1")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BODIES))
+def test_fast_data_answers_like_aiosmtpd(twin_servers: Any, name: str) -> None:
+    """ReceiverSMTP's DATA gives the same replies and the same stored bytes as aiosmtpd's
+    line-by-line loop (limits, dot-stuffing, split packets, pipelined commands)."""
+    (stock_port, stock), (ours_port, ours) = twin_servers
+    before = len(stock.contents), len(ours.contents)
+    expected = transcript(stock_port, _BODIES[name])
+    got = transcript(ours_port, _BODIES[name])
+    assert got.replace(b"mx.test", b"") == expected.replace(b"mx.test", b"")
+    assert stock.contents[before[0]:] == ours.contents[before[1]:]
+
+
+@given(st.lists(st.sampled_from([b"a", b".", b"\r\n", b"\r", b"\n", b"..", b"x" * 700,
+                                 b"\r\n.", b" ", b"\xff"]), max_size=40))
+@hsettings(max_examples=60, deadline=None)
+def test_fast_data_answers_like_aiosmtpd_on_random_bodies(twin_servers: Any,
+                                                          parts: list[bytes]) -> None:
+    """Random bodies made of the tricky pieces: replies and stored bytes agree."""
+    (stock_port, stock), (ours_port, ours) = twin_servers
+    body = [b"".join(parts) + b"\r\n.\r\n"]
+    before = len(stock.contents), len(ours.contents)
+    assert transcript(ours_port, body) == transcript(stock_port, body)
+    assert stock.contents[before[0]:] == ours.contents[before[1]:]
+
+
+def test_big_message_takes_aiosmtpd_path(start_receiver: Callable[..., Receiver]) -> None:
+    """A message bigger than FAST_DATA is read by aiosmtpd's loop and stored byte for byte."""
+    from connectd.daemons.receiver import FAST_DATA
+
+    r = start_receiver("max_size = 5000000\n")
+    raw = message("big", (b"y" * 76 + b"\r\n").decode() * (FAST_DATA // 78 + 100))
+    with client(r) as smtp:
+        assert smtp.sendmail("a@example.com", ["reply@reply.localhost"], raw) == {}
+    [name] = stored(r)
+    assert r.store.read(name) == raw
 
 
 def test_many_connections_keep_command_limits(start_receiver: Callable[..., Receiver]) -> None:
