@@ -24,35 +24,43 @@ AND its mail.received record is fsynced in receiver.events; when either fails th
 451 4.3.0 and nothing was acknowledged. The steps, per message and per batch:
 
 1. DATA (thread pool): write tmp/<name>, fsync it.                       [per message]
-2. The committer thread takes every message ready (group commit: one batch, however many
-   sessions are waiting) and, for the batch:
-   a. writes the batch's encoded records to pending/<batch> (the intent journal; no fsync),
+2. The committer takes every message ready (group commit: one batch, however many sessions
+   are waiting) and, for the batch, in two stages (threads) that overlap consecutive
+   batches (see Committer):
+   a. writes the batch's encoded records to its journal file pending/journal.<id> (the
+      intent journal: one of JOURNALS files, rewritten in place per batch) and fdatasyncs it,
    b. renames each file into new/, fsyncs new/ once,
    c. appends the records with one write, fdatasyncs the stream once,
-   d. unlinks pending/<batch>, and answers 250 to every session of the batch.
+   d. empties the journal file, and answers 250 to every session of the batch.
 The file is in new/ before its record can be read, so the processor never sees a record
 whose message is not there yet.
 
 What a crash leaves, and what the next start (reconcile(), before the port opens) does:
 - killed in 1 or 2a: files in tmp/ only; none was acknowledged; tmp/ is emptied.
 - killed in 2b/2c: files in new/ whose records may be missing (or partly written: a torn
-  line is never read as a record). pending/<batch> holds the records: every one whose file
+  line is never read as a record). The journal holds the records: every one whose file
   is in new/ and whose id is not in the stream is appended (same id, so exactly one record
-  per file), then the journal entry is removed. Those messages were never acknowledged; they
+  per file), then the journal file is removed. Those messages were never acknowledged; they
   are kept rather than dropped, so a sender that does not retry loses nothing; one that does
   retry gives the processor a second copy of an unacknowledged message, never of one it
   answered 250.
-- killed after 2c: the batch is complete; its journal entry, if still there, finds every id
-  in the stream and is removed.
+- killed after 2c: the batch is complete; its journal, if not yet emptied, finds every id
+  in the stream.
 - a failure (not a crash) in 2c after some bytes reached the stream: the files stay (their
-  records may be readable), the journal stays for the next start, the answer is 451.
-- power loss: everything acknowledged was fsynced. The journal is not fsynced (it costs a
-  third fsync per batch); ext4 and xfs order its creation before the renames that follow it,
-  so a rename that survived has its journal entry too.
+  records may be readable), the journal file stays for the next start, the answer is 451.
+- power loss: everything acknowledged was fsynced, and so was the journal of every batch
+  whose renames may have reached the disk (2a before 2b), so the same holds.
 The id search reads only the stream segments modified since the oldest journal entry.
 
-aiosmtpd's Controller runs the server in its own thread and event loop; the daemon's loop has
-nothing to poll (step() returns 0) and only waits for signals.
+Speed (bench/receiver.py: smtp-source, a connection per message). receiver.processes > 1
+runs that many worker processes on one SO_REUSEPORT port, each doing SMTP and step 1, and
+the parent doing step 2 for all (see "worker processes" below); aiosmtpd's per-connection
+set-up, address parsing and line-by-line DATA reading have faster equivalents here
+(SMTPFactory, ReceiverSMTP), checked against aiosmtpd's own answers by the tests.
+
+In one process (receiver.processes = 1), aiosmtpd's Controller runs the server in its own
+thread and event loop; the daemon's loop has nothing to poll (step() returns 0) and only
+waits for signals. With workers, step() restarts a worker that died.
 """
 
 from __future__ import annotations
@@ -107,6 +115,7 @@ STREAM = "receiver.events"
 RECORD = "mail.received"
 MAX_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8: a server must take at least 100 per message
 MAX_BATCH = 512  # messages per group commit, at most
+JOURNALS = 3  # batches between publishing and appending, at most (one journal file each)
 _CONFIRM = re.compile(r"confirm-[a-z2-7]+\Z")
 _SIGNED_PREFIXES = ("b-", "unsubscribe-")  # VERP-signed local parts (the composer's)
 # Reconcile: segments modified this long before the oldest journal entry are searched too
@@ -179,29 +188,54 @@ class _Pending:
         default_factory=concurrent.futures.Future)
 
 
+@dataclass
+class _Published:
+    """A batch between its two stages: renamed into new/ (fsynced), records not appended."""
+
+    batch: list[_Pending]
+    recs: list[dict[str, Any]]
+    data: bytes
+    journal: Journal
+
+
 class Committer:
-    """The one thread that publishes messages and appends their records (one writer per
-    stream), a whole batch per pair of fsyncs: every session waiting when a commit starts
-    shares the next one (group commit)."""
+    """The threads that publish messages and append their records (one writer per stream),
+    a whole batch per pair of fsyncs: every session waiting when a commit starts shares the
+    next one (group commit).
+
+    Two stages, each its own thread, so that the two fsyncs of consecutive batches overlap:
+    the publisher writes batch k+1's journal, renames its files and fsyncs new/ while the
+    appender appends batch k's records and fsyncs the stream. A message's record is still
+    appended only after its own rename is durable, and batches reach the stream in order.
+    Up to JOURNALS batches are between the two (each has its own journal file)."""
 
     def __init__(self, store: InboundStore, writer: StreamWriter, log: Any) -> None:
         self.store = store
         self.writer = writer
         self.log = log
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._published: queue.SimpleQueue[_Published | None] = queue.SimpleQueue()
+        self._journals: queue.SimpleQueue[Journal] = queue.SimpleQueue()
+        self._all_journals = [Journal(store) for _ in range(JOURNALS)]
+        for j in self._all_journals:
+            self._journals.put(j)
         self._thread = threading.Thread(target=self._run, name="receiver-commit", daemon=True)
-        self.journal = Journal(store)
+        self._appender = threading.Thread(target=self._append_loop, name="receiver-append",
+                                          daemon=True)
         self.batches = 0
 
     def start(self) -> None:
         self._thread.start()
+        self._appender.start()
 
     def stop(self) -> None:
-        """Commit what is queued, then end the thread."""
+        """Commit what is queued, then end the threads."""
         self._queue.put(None)
         self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self.journal.close(remove=True)
+        self._appender.join(timeout=30)
+        if not self._thread.is_alive() and not self._appender.is_alive():
+            for j in self._all_journals:
+                j.close(remove=True)
 
     def submit(self, name: str, fields: dict[str, Any],
                future: concurrent.futures.Future[dict[str, Any]] | None = None,
@@ -213,87 +247,105 @@ class Committer:
         return item.future
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stop = True
-                    break
-                batch.append(item)
-            self.commit(batch)
-            if stop:
-                return
+        try:
+            while True:
+                first = self._queue.get()
+                if first is None:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._publish(batch)
+                if stop:
+                    return
+        finally:
+            self._published.put(None)  # the appender ends after what was handed over
 
-    def commit(self, batch: list[_Pending]) -> None:
-        """Publish the batch and append its records; resolve each future."""
+    def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
+        for item in batch:
+            _settle(item.future, error=exc)
+        if isinstance(exc, (OSError, SpoolError)):
+            self.log.warning("batch not stored", messages=len(batch), error=str(exc))
+
+    def _publish(self, batch: list[_Pending]) -> None:
+        """Stage 1: journal, renames into new/, one fsync of new/; then to the appender."""
+        journal = self._journals.get()  # waits while JOURNALS batches are ahead
         try:
             recs = [make_record(RECORD, item.fields) for item in batch]
-            self._commit(batch, recs)
-        except (OSError, SpoolError) as exc:
-            for item in batch:
-                _settle(item.future, error=exc)
-            self.log.warning("batch not stored", messages=len(batch), error=str(exc))
+            names = [item.name for item in batch]
+            data = b"".join(encode(r) for r in recs)
+            try:
+                # the records, in case we die after the renames and before the append
+                journal.write(data)
+                self.store.publish(names)  # removes them all again if it fails
+            except OSError:
+                self.store.discard(names)
+                with contextlib.suppress(OSError):
+                    journal.clear()
+                raise
+        except BaseException as exc:  # a bug too: fail the sessions (451), never hang them
+            self._journals.put(journal)
+            self._fail(batch, exc)
+            if not isinstance(exc, (OSError, SpoolError)):
+                raise
             return
-        except BaseException as exc:  # a bug: fail the sessions (451) rather than hang them
-            for item in batch:
-                if not item.future.done():
-                    _settle(item.future, error=exc)
-            raise
-        self.batches += 1
-        for item, rec in zip(batch, recs, strict=True):
-            _settle(item.future, rec)
+        self._published.put(_Published(batch, recs, data, journal))
 
-    def _commit(self, batch: list[_Pending], recs: list[dict[str, Any]]) -> None:
-        names = [item.name for item in batch]
-        data = b"".join(encode(r) for r in recs)
-        try:
-            # the records, in case we die after the renames and before the append
-            self.journal.write(data)
-        except OSError:
-            self.store.discard(names)
-            with contextlib.suppress(OSError):
-                self.journal.clear()
-            raise
-        try:
-            self.store.publish(names)  # removes them all again if it fails
-        except OSError:
-            with contextlib.suppress(OSError):
-                self.journal.clear()
-            raise
+    def _append_loop(self) -> None:
+        while True:
+            item = self._published.get()
+            if item is None:
+                return
+            try:
+                self._append(item)
+            except (OSError, SpoolError) as exc:
+                self._fail(item.batch, exc)
+            except BaseException as exc:
+                self._fail(item.batch, exc)
+                raise
+            else:
+                self.batches += 1
+                for pending, rec in zip(item.batch, item.recs, strict=True):
+                    _settle(pending.future, rec)
+            finally:
+                self._journals.put(item.journal)
+
+    def _append(self, item: _Published) -> None:
+        """Stage 2: one write of the batch's records, one fsync of the stream."""
         before = self.writer.position
         try:
-            self.writer.write_lines(data, sync=True)
+            self.writer.write_lines(item.data, sync=True)
         except (OSError, SpoolError):
             after = self.writer.position
             if after == before or after.offset == 0:
                 # nothing of the batch reached the stream: take the files back, all 451
-                self.store.discard(names)
+                self.store.discard([p.name for p in item.batch])
                 with contextlib.suppress(OSError):
-                    self.journal.clear()
+                    item.journal.clear()
             else:
                 # some records may be readable: the files stay for them, and the journal
                 # stays for the next start to append whatever is missing; later batches
                 # must not overwrite it
-                self.journal.keep()
+                item.journal.keep()
             raise
         with contextlib.suppress(OSError):
-            self.journal.clear()
+            item.journal.clear()
 
 
 class Journal:
-    """The committer's intent journal: one file, pending/<JOURNAL>, rewritten in place for
-    every batch and emptied once the batch is committed. Reused rather than created and
-    unlinked per batch: on ext4 every freshly deleted inode is skipped, one by one, by each
-    following file creation in its group (recently_deleted() in the inode allocator), which
-    cost the receiver a quarter of its CPU at a few hundred batches a second.
+    """One intent-journal file of the committer, pending/journal.<id>, rewritten in place
+    (and fdatasynced) for every batch and emptied once the batch is committed. Reused rather than created and
+    unlinked per batch: on ext4 without a journal every inode deleted in the last minute is
+    skipped, one by one, by each following file creation in its group (recently_deleted()
+    in the inode allocator), and a few hundred batches a second add up.
 
     The file is never shorter than the batch it holds: a torn rewrite leaves the new
     batch's head and the old batch's tail, whose records are all in the stream already
@@ -316,6 +368,9 @@ class Journal:
         if self._size > len(data):
             os.ftruncate(self._fd, len(data))
         self._size = len(data)
+        # durable before the renames: after a power cut every file in new/ without its
+        # record has the record here (the next stage overlaps this fsync's cost)
+        os.fdatasync(self._fd)
 
     def clear(self) -> None:
         if self._fd >= 0 and self._size:

@@ -365,6 +365,42 @@ def test_concurrent_sessions_each_stored_once(start_receiver: Callable[..., Rece
                                                        for i in range(20) for j in range(10)}
 
 
+def test_records_follow_publication_order(start_receiver: Callable[..., Receiver],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """With publishing and appending overlapped (a slow new/ fsync), every record is appended
+    after its own file was published, in the order the batches were published."""
+    r = start_receiver()
+    published: list[str] = []
+    real_fsync_dir = sp.fsync_dir
+
+    def slow_fsync_dir(path: Path) -> None:
+        time.sleep(0.02)
+        real_fsync_dir(path)
+
+    real_publish = r.store.publish
+
+    def publish(names: list[str]) -> None:
+        real_publish(names)
+        published.extend(names)
+
+    monkeypatch.setattr(sp, "fsync_dir", slow_fsync_dir)
+    monkeypatch.setattr(r.store, "publish", publish)
+
+    def send(k: int) -> None:
+        for i in range(6):
+            with client(r) as smtp:
+                smtp.sendmail("a@example.com", ["reply@reply.localhost"], message(f"o{k}-{i}"))
+
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    names = [x.message for x in records(r)]
+    assert len(names) == 48 and names == published
+    assert r.committer is not None and r.committer.batches < 48  # batches were shared
+
+
 def test_starttls(tmp_path: Path, start_receiver: Callable[..., Receiver]) -> None:
     """With a certificate configured, STARTTLS is offered and a message goes through over TLS."""
     cert, key = self_signed(tmp_path)
