@@ -787,7 +787,10 @@ class RemoteCommitter:
             block = False  # then take whatever else has come, without waiting
             seq, rec_id, error = orjson.loads(data)
             with self._lock:
-                name, future = self._waiting.pop(seq)
+                waiting = self._waiting.pop(seq, None)
+            if waiting is None:
+                continue
+            name, future = waiting
             if error is None:
                 _settle(future, {"id": rec_id, "message": name})
             else:
@@ -860,11 +863,15 @@ class Broker:
             self._selector.unregister(sock)
             sock.close()
             return
-        request = orjson.loads(data)
-        if isinstance(request, dict):  # {"ready": pid}
-            self.ready[number] = request["ready"]
+        try:
+            request = orjson.loads(data)
+            if isinstance(request, dict):  # {"ready": pid}
+                self.ready[number] = int(request["ready"])
+                return
+            seq, name, fields = request
+        except (ValueError, TypeError, KeyError):  # never from our workers; never fatal
+            self.log.error("bad request from a worker", worker=number, size=len(data))
             return
-        seq, name, fields = request
         try:
             InboundStore._checked(name)  # a worker names files in tmp/ only
         except ValueError:
