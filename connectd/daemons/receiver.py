@@ -116,6 +116,12 @@ RECORD = "mail.received"
 MAX_RECIPIENTS = 100  # RFC 5321 4.5.3.1.8: a server must take at least 100 per message
 MAX_BATCH = 512  # messages per group commit, at most
 JOURNALS = 3  # batches between publishing and appending, at most (one journal file each)
+# Group commit under load: a batch that starts within BUSY_GAP of the previous one waits
+# COMMIT_LINGER for more messages (bench: 2 workers, 20 sessions: ~2.3 -> ~8.7 messages a
+# batch, the parent's CPU 0.25-0.27 -> 0.13-0.14 ms a message, 1,533-1,584 -> 1,768-1,804
+# msgs/s; 5 ms left the CPU idle, waiting); an idle receiver commits a lone message at once.
+COMMIT_LINGER = 0.003
+BUSY_GAP = 0.05
 _CONFIRM = re.compile(r"confirm-[a-z2-7]+\Z")
 _SIGNED_PREFIXES = ("b-", "unsubscribe-")  # VERP-signed local parts (the composer's)
 # Reconcile: segments modified this long before the oldest journal entry are searched too
@@ -223,6 +229,8 @@ class Committer:
         self._appender = threading.Thread(target=self._append_loop, name="receiver-append",
                                           daemon=True)
         self.batches = 0
+        self.messages = 0
+        self._last_batch = 0.0
 
     def start(self) -> None:
         self._thread.start()
@@ -254,6 +262,12 @@ class Committer:
                     return
                 batch = [first]
                 stop = False
+                now = time.monotonic()
+                if now - self._last_batch < BUSY_GAP:
+                    # under load: let a few more sessions join this batch; three fsyncs a
+                    # batch cost the parent more CPU than 3 ms of waiting costs a session
+                    time.sleep(COMMIT_LINGER)
+                self._last_batch = now
                 while len(batch) < MAX_BATCH:
                     try:
                         item = self._queue.get_nowait()
@@ -313,6 +327,7 @@ class Committer:
                 raise
             else:
                 self.batches += 1
+                self.messages += len(item.batch)
                 for pending, rec in zip(item.batch, item.recs, strict=True):
                     _settle(pending.future, rec)
             finally:
@@ -1127,6 +1142,8 @@ class Receiver(Daemon):
             self._pool = None
         if self.committer is not None:
             self.committer.stop()
+            self.log.info("committer stopped", batches=self.committer.batches,
+                          messages=self.committer.messages)
             self.committer = None
         if self.broker is not None:
             self.broker.stop()
