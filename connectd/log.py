@@ -36,7 +36,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # WriteLogger: the line and its newline in one write (print() makes two, and daemons
+        # sharing one log file under `connectd up` then interleave lines)
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(_LEVELS.get(level, logging.INFO), logging.WARNING),

@@ -120,6 +120,7 @@ class ReceiverSettings:
     tls_cert: Path | None = setting(None, "PEM certificate for STARTTLS (none: STARTTLS not offered)")
     tls_key: Path | None = setting(None, "PEM private key of tls_cert")
     timeout: float = setting(300.0, "seconds an idle SMTP session is kept open")
+    processes: int = setting(0, "SMTP worker processes sharing the port (0: one per core; 1: none, SMTP in the receiver itself)")
 
 
 @dataclass(frozen=True)

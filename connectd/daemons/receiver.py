@@ -1011,9 +1011,9 @@ class Receiver(Daemon):
     def __init__(self, settings: Settings, processes: int | None = None) -> None:
         super().__init__(settings)
         r = settings.receiver
-        # receiver.processes (until settings.py has it: 1): 1 serves SMTP in this process;
-        # more runs that many worker processes, this one committing for all; 0 = one a core
-        wanted = getattr(r, "processes", 1) if processes is None else processes
+        # receiver.processes: 1 serves SMTP in this process; more runs that many worker
+        # processes, this one committing for all; 0 = one a core
+        wanted = r.processes if processes is None else processes
         self.processes = wanted if wanted > 0 else (os.cpu_count() or 1)
         try:
             secrets = load_secrets(settings.paths.secrets)  # a missing key file is a config error

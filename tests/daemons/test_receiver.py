@@ -42,7 +42,10 @@ def free_port() -> int:
 
 
 def receiver_settings(root: Path, extra: str = "") -> settings_mod.Settings:
-    cfg = write_config(root, extra=f"[receiver]\nport = {free_port()}\n{extra}")
+    # in this process (processes = 1) unless a test asks for workers: the tests below reach
+    # into the server's handler and store
+    one = "" if "processes" in extra else "processes = 1\n"
+    cfg = write_config(root, extra=f"[receiver]\nport = {free_port()}\n{one}{extra}")
     s = settings_mod.load(cfg, environ={})
     create_secrets(s.paths.secrets)
     return s
