@@ -228,3 +228,19 @@ def test_clicks_on_trial_sends_stay_out_of_the_profile(tracked: Any) -> None:
     w.apply_both()
     assert w.profile() == {} and w.interests() == {}
     assert w.totals() == {0: (1, 0, 1, 0)}
+
+
+def test_last_click_is_the_latest_even_out_of_order(tracked: Any) -> None:
+    """Clicks that reach the stream out of time order (two tracker workers): the profile's
+    last click is the latest one, not the last record, in one batch and across batches."""
+    w = tracked(2)
+    a, b = w.customers
+    w.send_all()
+    w.track(CLICKED, [w.click(a, w.links[0], at(900)), w.click(b, w.links[0], at(800)),
+                      w.click(a, w.links[1], at(700))])
+    w.apply_both()
+    w.track(CLICKED, [w.click(b, w.links[1], at(750))])
+    w.apply_both()
+    got = {c: (n, t if isinstance(t, str) else t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+           for c, (n, t) in w.profile().items()}
+    assert got == {a: (2, at(900)), b: (2, at(800))}

@@ -110,26 +110,35 @@ def judge(records: list[Any], history: dict[tuple[int, int], History],
     return out, last
 
 
+def present(conn: Connection, table: str, instances: set[int]) -> set[int]:
+    """Which of `instances` have any row in `table` (one index probe each, one statement):
+    clicks that come before any send record of their instance need no pair-by-pair look-up,
+    and callers can skip building the pairs at all."""
+    if not instances:
+        return set()
+    if conn.dialect.name == "postgresql":
+        return {row[0] for row in conn.exec_driver_sql(
+            f'SELECT i FROM unnest(%b::bigint[]) AS r(i) WHERE EXISTS '
+            f'(SELECT 1 FROM "{table}" AS t WHERE t.instance_id = r.i)', (list(instances),))}
+    return {row[0] for row in conn.exec_driver_sql(
+        f'SELECT value FROM json_each(?) WHERE EXISTS '
+        f'(SELECT 1 FROM "{table}" AS t WHERE t.instance_id = value)',
+        (json.dumps(list(instances)),))}
+
+
 def lookup(conn: Connection, table: str, columns: tuple[str, ...],
-           pairs: set[tuple[int, int]]) -> dict[tuple[int, int], tuple]:
+           pairs: set[tuple[int, int]], live: set[int] | None = None
+           ) -> dict[tuple[int, int], tuple]:
     """`columns` of `table` for the rows keyed (instance_id, customer_id) in `pairs`: one
     statement (a JSON array on SQLite, unnested arrays on PostgreSQL); pairs with no row are
-    left out."""
-    # instances with no row at all are left out first (one index probe each): clicks that
-    # come before any send record of their instance need no pair-by-pair look-up
-    instances = list({p[0] for p in pairs})
-    if conn.dialect.name == "postgresql":
-        present = {row[0] for row in conn.exec_driver_sql(
-            f'SELECT i FROM unnest(%b::bigint[]) AS r(i) WHERE EXISTS '
-            f'(SELECT 1 FROM "{table}" AS t WHERE t.instance_id = r.i)', (instances,))}
-    else:
-        present = {row[0] for row in conn.exec_driver_sql(
-            f'SELECT value FROM json_each(?) WHERE EXISTS '
-            f'(SELECT 1 FROM "{table}" AS t WHERE t.instance_id = value)',
-            (json.dumps(instances),))}
-    if len(present) < len(instances):
-        pairs = {p for p in pairs if p[0] in present}
-    if not pairs:
+    left out. `live`: the instances that have rows, when the caller already asked (`present`)
+    and kept only their pairs."""
+    if live is None:
+        instances = {p[0] for p in pairs}
+        live = present(conn, table, instances)
+        if len(live) < len(instances):
+            pairs = {p for p in pairs if p[0] in live}
+    if not live or not pairs:
         return {}
     cols = ", ".join(f't."{c}"' for c in columns)
     if conn.dialect.name == "postgresql":
@@ -146,15 +155,18 @@ def lookup(conn: Connection, table: str, columns: tuple[str, ...],
     return {(row[0], row[1]): tuple(row[2:]) for row in conn.exec_driver_sql(sql, params)}
 
 
-def history(conn: Connection, table: str, pairs: set[tuple[int, int]],
-            clicks: bool) -> tuple[dict[tuple[int, int], History], dict[tuple[int, int], tuple]]:
+def history(conn: Connection, table: str, pairs: set[tuple[int, int]], clicks: bool,
+            live: set[int] | None = None
+            ) -> tuple[dict[tuple[int, int], History], dict[tuple[int, int], tuple]]:
     """(History per pair with a row, the extra columns per pair) for targets (customer DB:
-    no extra columns) or message_facts (report DB: segment_id and the counts)."""
+    no extra columns) or message_facts (report DB: segment_id and the counts). `live` as
+    for `lookup`."""
     extra: tuple[str, ...] = ()
     if table == "message_facts":
         extra = ("segment_id",) if clicks else ("segment_id", "open_count",
                                                 "machine_open_count")
-    rows = lookup(conn, table, ("sent_at", "last_click_at", "last_click_link", *extra), pairs)
+    rows = lookup(conn, table, ("sent_at", "last_click_at", "last_click_link", *extra), pairs,
+                  live)
     hist = {k: History(secs(v[0]), secs(v[1]), v[2]) for k, v in rows.items()}
     return hist, {k: v[3:] for k, v in rows.items()}
 
@@ -201,8 +213,12 @@ def trial_instances(conn: Connection, instances: set[int], cache: dict[str, Any]
     return {i for i in instances if known[i]}
 
 
-def without_trials(conn: Connection, records: list[Any], cache: dict[str, Any]) -> list[Any]:
+def without_trials(conn: Connection, records: list[Any], cache: dict[str, Any],
+                   instances: set[int] | None = None) -> list[Any]:
     """`records` minus those of trial sends (test copies): like their hand-offs
-    (connectd.appliers.outbound), their opens and clicks are not the customer's."""
-    trials = trial_instances(conn, {r.instance for r in records}, cache)
+    (connectd.appliers.outbound), their opens and clicks are not the customer's.
+    `instances`: those of `records`, when the caller has them."""
+    if instances is None:
+        instances = {r.instance for r in records}
+    trials = trial_instances(conn, instances, cache)
     return [r for r in records if r.instance not in trials] if trials else records
