@@ -134,50 +134,59 @@ def clicks_to_facts(conn: Connection, records: list[LinkClicked],
                     cache: dict[str, Any]) -> None:
     dialect = conn.dialect.name
     # column lists, zipped and counted in C: this path runs for every click
-    inst = [r.instance for r in records]
-    cust = [r.customer for r in records]
-    ts = [r.ts for r in records]
+    inst = list(map(_instance, records))
+    cust = list(map(_customer, records))
+    ts = list(map(_ts, records))
+    links = list(map(_link, records))
     pair_list = list(zip(inst, cust, strict=True))
-    past, known = hits.history(conn, "message_facts", set(pair_list), clicks=True)
+    # each (instance, customer)'s first click in the run; its keys are the run's pairs
+    first_of = dict(zip(reversed(pair_list), reversed(ts), strict=True))
+    live = hits.present(conn, "message_facts", set(inst))
+    past: dict = {}
+    known: dict = {}
+    if live:
+        pairs = first_of.keys() if len(live) == len(set(inst)) else \
+            {p for p in first_of if p[0] in live}
+        past, known = hits.history(conn, "message_facts", pairs, clicks=True, live=live)
     if past:
         verdicts, last = hits.judge(records, past, clicks=True)
         hits.update_last_clicks(conn, last, "message_facts")
         mach = [v.machine for v in verdicts]
         why = [v.why for v in verdicts]
     else:  # nobody's send known yet: the tracker's marks stand (the usual bulk path)
-        mach = [r.machine for r in records]
-        why = [r.why for r in records] if any(mach) else [None] * len(mach)
-    links = [r.link for r in records]
+        mach = list(map(_machine, records))
+        why = list(map(_why, records)) if any(mach) else [None] * len(mach)
+    machines = any(mach)
     _insert_clicks(conn, inst, cust, links, ts, mach, why)
     segment = {k: v[0] for k, v in known.items() if v[0] is not None}
+    hours = list(map(_hour_prefix, ts))
     # [people, machines, new people, new machines] per (instance, hour) and (instance, segment)
-    by_hour = Counter(zip(inst, [t[:13] for t in ts], mach, strict=True))
-    hourly = _counted(by_hour)
+    hourly = _counted(inst, hours, mach if machines else None)
     if segment:
         segs = [segment.get(p, NO_SEGMENT) for p in pair_list]
-        totals = _counted(Counter(zip(inst, segs, mach, strict=True)))
+        totals = _counted(inst, segs, mach if machines else None)
         inst_seg: list[Any] = list(zip(inst, segs, strict=True))
-    else:  # everyone outside any segment: the per-hour counts summed
-        per_instance: Counter = Counter()
-        for (i, _, m), n in by_hour.items():
-            per_instance[(i, NO_SEGMENT, m)] += n
-        totals = _counted(per_instance)
-        inst_seg = list(zip(inst, [NO_SEGMENT] * len(ts), strict=True))
-    first_at = dict(zip(reversed(inst_seg), reversed(ts), strict=True))
-    last_at = dict(zip(inst_seg, ts, strict=True))
+        first_at = dict(zip(reversed(inst_seg), reversed(ts), strict=True))
+        last_at = dict(zip(inst_seg, ts, strict=True))
+    else:  # everyone outside any segment: the per-hour counts summed, times per instance
+        totals = {}
+        for (i, _), n in hourly.items():
+            got = totals.setdefault((i, NO_SEGMENT), [0, 0, 0, 0])
+            got[0] += n[0]
+            got[1] += n[1]
+        first_at = {(i, NO_SEGMENT): t for i, t in
+                    dict(zip(reversed(inst), reversed(ts), strict=True)).items()}
+        last_at = {(i, NO_SEGMENT): t for i, t in dict(zip(inst, ts, strict=True)).items()}
     # each customer's first click in this run, as a person and as a machine
-    firsts: dict[bool, dict[tuple[int, int], str]] = {False: {}, True: {}}
-    if any(mach):
+    firsts: dict[bool, dict[tuple[int, int], str]] = {False: first_of, True: {}}
+    if machines:
+        firsts[False] = {}
         for p, m, t in zip(reversed(pair_list), reversed(mach), reversed(ts), strict=True):
             firsts[m][p] = t
-    else:
-        firsts[False] = dict(zip(reversed(pair_list), reversed(ts), strict=True))
     for (i, m, h, seg), n in _new_clickers(conn, firsts, segment, cache).items():
         hourly[(i, h)][3 if m else 2] += n
         totals[(i, seg)][3 if m else 2] += n
-    per_link: dict[tuple[int, int], list[int]] = {}
-    for (i, link, m), n in Counter(zip(inst, links, mach, strict=True)).items():
-        per_link.setdefault((i, link), [0, 0])[1 if m else 0] += n
+    per_link = _counted(inst, links, mach if machines else None)
     upsert(conn, _hourly, ("instance_id", "hour", "event", "total", "machine", "uniques",
                            "machine_uniques"),
            [(i, _hour(dialect, h), CLICKED, *n) for (i, h), n in hourly.items()],
@@ -191,7 +200,7 @@ def clicks_to_facts(conn: Connection, records: list[LinkClicked],
            add=("total", "machine", "uniques", "machine_uniques"), least=("first_at",),
            greatest=("last_at",))
     upsert(conn, _links_n, ("instance_id", "link_id", "total", "machine"),
-           [(i, link, *n) for (i, link), n in per_link.items()],
+           [(i, link, n[0], n[1]) for (i, link), n in per_link.items()],
            keys=("instance_id", "link_id"), add=("total", "machine"))
 
 
@@ -204,7 +213,7 @@ def _insert_clicks(conn: Connection, inst: list[int], cust: list[int], links: li
     m: list[Any] = mach
     if conn.dialect.name == "sqlite":
         m = [1 if x else 0 for x in mach] if any(mach) else [0] * len(mach)
-    if any(w is not None for w in why):
+    if why.count(None) < len(why):
         rows = list(zip(inst, cust, links, ts, m, why, strict=True))
         columns += ("why",)
     else:
@@ -212,11 +221,15 @@ def _insert_clicks(conn: Connection, inst: list[int], cust: list[int], links: li
     insert_many(conn, _clicks, columns, rows)
 
 
-def _counted(counts: Counter) -> dict[tuple, list[int]]:
-    """Counter of (key..., machine) -> {key: [people, machines, 0, 0]}."""
-    out: dict[tuple, list[int]] = {}
-    for (*key, m), n in counts.items():
-        out.setdefault(tuple(key), [0, 0, 0, 0])[1 if m else 0] += n
+def _counted(inst: list[int], other: list[Any], mach: list[bool] | None
+             ) -> dict[tuple[int, Any], list[int]]:
+    """(instance, other) -> [people, machines, 0, 0], counted in C; `mach` None when no
+    record is a machine's (2-tuples are cheaper to count)."""
+    if mach is None:
+        return {k: [n, 0, 0, 0] for k, n in Counter(zip(inst, other, strict=True)).items()}
+    out: dict[tuple[int, Any], list[int]] = {}
+    for (i, o, m), n in Counter(zip(inst, other, mach, strict=True)).items():
+        out.setdefault((i, o), [0, 0, 0, 0])[1 if m else 0] += n
     return out
 
 
@@ -419,7 +432,9 @@ _instance = attrgetter("instance")
 _customer = attrgetter("customer")
 _link = attrgetter("link")
 _machine = attrgetter("machine")
+_why = attrgetter("why")
 _first = itemgetter(0)
+_hour_prefix = itemgetter(slice(0, 13))  # 'YYYY-MM-DDTHH' of a record ts
 
 
 def _hour(dialect: str, prefix: str) -> str:
