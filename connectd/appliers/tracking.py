@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from itertools import chain, compress, islice
+from itertools import chain, compress, filterfalse, islice
 from operator import attrgetter, itemgetter, le
 from typing import Any
 
@@ -256,7 +256,9 @@ def _new_clickers(conn: Connection, firsts: dict[bool, dict[tuple[int, int], str
     is known to have committed (one key it inserted is looked up at the next run; a rolled
     back run, retried or bisected by the consumer, leaves no trace and is forgotten)."""
     known = _committed_clickers(conn, cache)
-    tried = {m: first.keys() - known[m] for m, first in firsts.items()}
+    # the run's keys looked up in the memory (keys() - known would walk all of the memory:
+    # a set's difference_update iterates over its argument)
+    tried = {m: set(filterfalse(known[m].__contains__, first)) for m, first in firsts.items()}
     if not any(tried.values()):
         return Counter()
     if conn.dialect.name == "sqlite" and cache.get("clickers.all_new", True):
@@ -315,7 +317,10 @@ def _insert_all_new(conn: Connection, firsts: dict[bool, dict[tuple[int, int], s
     try:
         before = raw.total_changes  # type: ignore[union-attr]
         for m, keys in tried.items():
-            pairs = sorted(keys)  # key order: measured 0.4 s per 1M clicks less than unsorted
+            # key order: measured 0.4 s per 1M clicks less than unsorted; two stable sorts on
+            # int keys cost a third of one sort comparing tuples
+            pairs = sorted(keys, key=_second)
+            pairs.sort(key=_first)
             flat = list(chain.from_iterable(pairs))
             full = len(pairs) // _FIRST_PER * _FIRST_PER
             step = 2 * _FIRST_PER
@@ -337,7 +342,7 @@ def _insert_all_new(conn: Connection, firsts: dict[bool, dict[tuple[int, int], s
             continue
         pairs = list(keys)
         first = firsts[m]
-        hours = [first[p][:13] for p in pairs]
+        hours = list(map(_hour_prefix, map(first.__getitem__, pairs)))
         segs = ([segment.get(p, NO_SEGMENT) for p in pairs] if segment
                 else [NO_SEGMENT] * len(pairs))
         new.update(zip([p[0] for p in pairs], [m] * len(pairs), hours, segs, strict=True))
@@ -434,6 +439,7 @@ _link = attrgetter("link")
 _machine = attrgetter("machine")
 _why = attrgetter("why")
 _first = itemgetter(0)
+_second = itemgetter(1)
 _hour_prefix = itemgetter(slice(0, 13))  # 'YYYY-MM-DDTHH' of a record ts
 
 
