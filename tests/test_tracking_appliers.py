@@ -244,3 +244,22 @@ def test_last_click_is_the_latest_even_out_of_order(tracked: Any) -> None:
     got = {c: (n, t if isinstance(t, str) else t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
            for c, (n, t) in w.profile().items()}
     assert got == {a: (2, at(900)), b: (2, at(800))}
+
+
+def test_interests_count_every_label_of_a_link(tracked: Any) -> None:
+    """A link with two labels counts a click for each; a link with none adds no interest;
+    counts add up across batches."""
+    w = tracked(2)
+    a, b = w.customers
+    with w.customer.begin() as conn:
+        both = conn.execute(insert(Link).values(url="https://shop.example/both",
+                                                labels=["shoes", "kids"]).returning(Link.id)
+                            ).scalar_one()
+        bare = conn.execute(insert(Link).values(url="https://shop.example/bare", labels=[])
+                            .returning(Link.id)).scalar_one()
+    w.send_all()
+    w.track(CLICKED, [w.click(a, both, at(600)), w.click(a, w.links[0], at(900)),
+                      w.click(b, bare, at(700)), w.click(b, both, at(1300))])
+    w.apply_both(batch_size=3)
+    assert w.interests() == {(a, "shoes"): 2, (a, "kids"): 1, (b, "shoes"): 1, (b, "kids"): 1}
+    assert {c: n for c, (n, _) in w.profile().items()} == {a: 2, b: 2}
