@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from itertools import groupby
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import msgspec
@@ -237,7 +238,7 @@ class Consumer:
         fns = self.handlers[type(run.records[0]).__struct_config__.tag]
         try:
             with conn.begin_nested():
-                _check_timestamps([rec.ts for rec in run.records])
+                _check_timestamps(list(map(_TS, run.records)))
                 for fn in fns:
                     fn(conn, run.records, self.cache)
             return []
@@ -301,6 +302,7 @@ def _runs_of(recs: list[Any], handled: set[type], lines: list[int] | None = None
     return runs
 
 
+_TS = attrgetter("ts")
 _TS_SHAPE = ((4, "-"), (7, "-"), (10, "T"), (13, ":"), (16, ":"), (19, "."), (26, "Z"))
 
 
