@@ -205,6 +205,14 @@ def bench_postgres(n: int, customers: int) -> dict:
         cluster.stop()
 
 
+def _load() -> float:
+    """The 1-minute load average (0.0 where the system does not tell)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return 0.0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--records", type=int, default=1_000_000)
@@ -216,11 +224,16 @@ def main() -> None:
     os.environ.pop("CONNECTD_CONFIG", None)
     print(f"profiler ingest: {args.records:,} link.clicked records, {args.customers:,} customers",
           flush=True)
+    load_before = _load()
     result = {"bench": "profiler_ingest", "sqlite": bench_sqlite(args.records, args.customers)}
     s = result["sqlite"]
+    # the machine may be shared: what else ran is part of the figure (the profiler uses two
+    # cores, the reference one)
+    s["load_before"], s["load_after"] = load_before, _load()
     print(f"SQLite   profiler {s['profiler_rps']:>9,} rec/s ({s['profiler_s']} s)   "
           f"bare executemany {s['reference_rps']:>9,} rows/s   ratio {s['ratio']:.2f} "
-          f"(target >= 0.30)", flush=True)
+          f"(target >= 0.30; load average {load_before} -> {s['load_after']} "
+          f"on {os.cpu_count()} CPUs)", flush=True)
     if args.postgres:
         p = result["postgresql"] = bench_postgres(args.records, args.customers)
         if "skipped" in p:
