@@ -263,3 +263,34 @@ def test_interests_count_every_label_of_a_link(tracked: Any) -> None:
     w.apply_both(batch_size=3)
     assert w.interests() == {(a, "shoes"): 2, (a, "kids"): 1, (b, "shoes"): 1, (b, "kids"): 1}
     assert {c: n for c, (n, _) in w.profile().items()} == {a: 2, b: 2}
+
+
+def test_insert_columns_lands_every_row_once(migrated_report_url: str) -> None:
+    """sql.insert_columns: 450 rows given column by column (two full multi-row statements on
+    SQLite and a remainder) land once each with their values; columns of unequal length are
+    refused before anything is written."""
+    from connectd.appliers.sql import insert_columns
+    from connectd.db.engine import make_engine
+
+    engine = make_engine(migrated_report_url)
+    n = 450
+    inst, cust, link = [3] * n, list(range(1, n + 1)), [k % 7 for k in range(n)]
+    ts = [at(k) for k in range(n)]
+    mach = [k % 3 == 0 for k in range(n)]
+    why = ["head" if m else None for m in mach]
+    try:
+        with engine.begin() as conn:
+            insert_columns(conn, ClickFact.__table__,
+                           ("instance_id", "customer_id", "link_id", "clicked_at", "machine", "why"),
+                           [inst, cust, link, ts, mach, why])
+            with pytest.raises(ValueError):
+                insert_columns(conn, ClickFact.__table__, ("instance_id", "customer_id"),
+                               [inst, cust[:-1]])
+        with engine.connect() as conn:
+            got = conn.execute(select(ClickFact.customer_id, ClickFact.link_id,
+                                      ClickFact.machine, ClickFact.why)
+                               .order_by(ClickFact.customer_id)).all()
+    finally:
+        engine.dispose()
+    assert [tuple(r) for r in got] == [(c, k, m, w) for c, k, m, w
+                                      in zip(cust, link, mach, why, strict=True)]

@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy import Connection, distinct, func, select
 
 from connectd.appliers import applies, hits
-from connectd.appliers.sql import db_time, insert_many, upsert
+from connectd.appliers.sql import db_time, insert_columns, upsert
 from connectd.db.customer import CustomerInterest, CustomerStats, Link
 from connectd.db.report import (
     NO_SEGMENT,
@@ -233,12 +233,11 @@ def _insert_clicks(conn: Connection, inst: list[int], cust: list[int], links: li
     m: list[Any] = mach
     if conn.dialect.name == "sqlite":
         m = [1 if x else 0 for x in mach] if any(mach) else [0] * len(mach)
+    values: list[list[Any]] = [inst, cust, links, ts, m]
     if why.count(None) < len(why):
-        rows = list(zip(inst, cust, links, ts, m, why, strict=True))
+        values.append(why)
         columns += ("why",)
-    else:
-        rows = list(zip(inst, cust, links, ts, m, strict=True))
-    insert_many(conn, _clicks, columns, rows)
+    insert_columns(conn, _clicks, columns, values)
 
 
 def _counted(inst: list[int], other: list[Any], mach: list[bool] | None
