@@ -60,7 +60,10 @@ set-up, address parsing and line-by-line DATA reading have faster equivalents he
 
 In one process (receiver.processes = 1), aiosmtpd's Controller runs the server in its own
 thread and event loop; the daemon's loop has nothing to poll (step() returns 0) and only
-waits for signals. With workers, step() restarts a worker that died.
+waits for signals. With workers, step() restarts a worker that died, and alive() (the
+systemd watchdog) is False while a live worker is wedged: each worker's SMTP event loop
+sends the parent a heartbeat datagram every watchdog_interval / 2, so a blocked loop goes
+silent, and after 3 x watchdog_interval of silence systemd restarts the whole receiver.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ from aiosmtpd.smtp import MISSING, SMTP, syntax
 from aiosmtpd.smtp import log as smtp_log
 
 from connectd.core.tokens import MAX_TOKEN_LEN, BadToken, verify_verp
-from connectd.daemon import Daemon, DaemonFailed
+from connectd.daemon import Daemon, DaemonFailed, stuck_workers
 from connectd.secrets import SecretsError, load_secrets
 from connectd.settings import Settings, SettingsError
 from connectd.spool import (
@@ -757,6 +760,20 @@ class RemoteCommitter:
         self._loop = loop
         loop.add_reader(self.sock.fileno(), self._on_readable)
 
+    def heartbeat(self, every: float) -> None:
+        """Tell the parent this loop is running, now and every `every` seconds (call it from
+        the loop's thread, after attach()): sent by the loop itself, so a blocked loop goes
+        silent and the parent's alive() notices."""
+        try:
+            # never block the loop on a full socket: the parent is behind, not us
+            self.sock.send(orjson.dumps({"beat": os.getpid()}), socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        except OSError:
+            return  # the parent is gone; _on_readable fails what is waiting
+        assert self._loop is not None
+        self._loop.call_later(every, self.heartbeat, every)
+
     def submit(self, name: str, fields: dict[str, Any],
                future: concurrent.futures.Future[dict[str, Any]] | None = None,
                ) -> concurrent.futures.Future[dict[str, Any]]:
@@ -818,6 +835,13 @@ class RemoteCommitter:
             _settle(future, error=SpoolError("receiver parent gone"))
 
 
+@dataclass
+class _Beat:
+    """A worker's last sign of life, in the shape connectd.daemon.stuck_workers reads."""
+
+    value: float
+
+
 class Broker:
     """The parent's thread that takes the workers' requests and hands them to the Committer;
     the Committer's thread sends each answer back when its batch is durable (or failed)."""
@@ -826,6 +850,8 @@ class Broker:
         self.committer = committer
         self.log = log
         self.ready: dict[int, int] = {}  # worker number -> pid, once it listens
+        # worker number -> its last heartbeat (monotonic; from its spawn until the first)
+        self.beats: dict[int, _Beat] = {}
         self._selector = selectors.DefaultSelector()
         self._added: queue.SimpleQueue[tuple[int, socket.socket]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -838,6 +864,8 @@ class Broker:
 
     def add(self, number: int, sock: socket.socket) -> None:
         self.ready.pop(number, None)
+        # counted from the spawn: a worker that hangs before its first beat is stuck too
+        self.beats[number] = _Beat(time.monotonic())
         self._added.put((number, sock))
         os.write(self._wake_w, b"\0")
 
@@ -880,8 +908,12 @@ class Broker:
             return
         try:
             request = orjson.loads(data)
-            if isinstance(request, dict):  # {"ready": pid}
-                self.ready[number] = int(request["ready"])
+            if isinstance(request, dict):  # {"ready": pid} or {"beat": pid}
+                if "beat" in request:
+                    int(request["beat"])  # validated like the rest: malformed is dropped
+                else:
+                    self.ready[number] = int(request["ready"])
+                self._beat(number)
                 return
             seq, name, fields = request
         except (ValueError, TypeError, KeyError):  # never from our workers; never fatal
@@ -894,6 +926,11 @@ class Broker:
             return
         future = self.committer.submit(name, {"message": name, **fields})
         future.add_done_callback(functools.partial(self._done, sock, seq))
+
+    def _beat(self, number: int) -> None:
+        beat = self.beats.get(number)
+        if beat is not None:
+            beat.value = time.monotonic()
 
     def _done(self, sock: socket.socket, seq: int,
               future: concurrent.futures.Future[dict[str, Any]]) -> None:
@@ -967,6 +1004,8 @@ def run_worker(settings: Settings, link: socket.socket, number: int) -> int:
         lambda: (remote.attach(controller.loop), attached.set_result(None)))
     attached.result(10)
     link.send(orjson.dumps({"ready": os.getpid()}))
+    every = settings.daemon.watchdog_interval / 2
+    controller.loop.call_soon_threadsafe(remote.heartbeat, every)
     while not stop.wait(1.0):
         pass
     controller.stop()  # no new sessions; sessions still in DATA get no answer (they retry)
@@ -1032,6 +1071,7 @@ class Receiver(Daemon):
         self.workers: dict[int, subprocess.Popen[bytes]] = {}
         self.deaths: list[float] = []
         self._port: socket.socket | None = None
+        self._stuck: set[int] = set()  # workers already reported as not responding
 
     def setup(self) -> None:
         r = self.settings.receiver
@@ -1126,6 +1166,23 @@ class Receiver(Daemon):
             self._spawn(number)
             return 1
         return 0
+
+    def alive(self) -> bool:
+        """False while a live worker has sent no heartbeat for 3 x watchdog_interval (its
+        event loop is blocked): the watchdog goes unpinged and systemd restarts us. A dead
+        worker is step()'s to restart, not stuck. One warning per worker per episode."""
+        if self.broker is None:
+            return True
+        live = {n: b for n, b in self.broker.beats.items()
+                if n in self.workers and self.workers[n].poll() is None}
+        stuck = set(stuck_workers(live, 3 * self.settings.daemon.watchdog_interval))
+        for number in sorted(stuck - self._stuck):
+            self.log.warning("worker not responding; not pinging the watchdog", worker=number,
+                             pid=self.workers[number].pid)
+        for number in sorted((self._stuck - stuck) & live.keys()):
+            self.log.info("worker responding again", worker=number)
+        self._stuck = stuck
+        return not stuck
 
     def periodic(self) -> None:
         if self.writer is not None:

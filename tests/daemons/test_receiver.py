@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import hashlib
 import os
+import signal
 import smtplib
 import socket
 import ssl
@@ -588,6 +589,37 @@ def test_dead_worker_is_restarted(workers_receiver: Receiver) -> None:
     assert len(names) == 20 and len(records(r)) == 20
     pids = {n.split(".")[2].split("q")[0] for n in names}
     assert f"{r.workers[1].pid:x}" in pids
+
+
+def test_wedged_worker_stops_the_watchdog(tmp_path: Path) -> None:
+    """A worker stopped with SIGSTOP (alive, silent) makes alive() False, once its heartbeats
+    are 3 x watchdog_interval late; after SIGCONT alive() is True again."""
+    r = Receiver(receiver_settings(tmp_path, "[daemon]\nwatchdog_interval = 0.3\n"), processes=2)
+    r.setup()
+    victim = r.workers[2].pid
+    try:
+        deadline = time.monotonic() + 10
+        while not r.alive():  # both beating (a loaded machine may be slow at first)
+            assert time.monotonic() < deadline, "the workers' heartbeats never came"
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGSTOP)
+        time.sleep(1.3)  # 3 x 0.3 s of silence, and some
+        with structlog.testing.capture_logs() as logs:
+            r.log = structlog.get_logger()
+            assert r.alive() is False
+            assert r.alive() is False  # still stuck
+        warned = [e for e in logs if e["log_level"] == "warning"]
+        assert [e["worker"] for e in warned] == [2]  # named, and once per episode
+        assert r.workers[2].poll() is None  # wedged, not dead: step() leaves it alone
+        os.kill(victim, signal.SIGCONT)
+        deadline = time.monotonic() + 10
+        while not r.alive():
+            assert time.monotonic() < deadline, "the resumed worker's heartbeats did not return"
+            time.sleep(0.05)
+        assert rcpt_reply(r, "postmaster@reply.localhost")[0] == 250
+    finally:
+        os.kill(victim, signal.SIGCONT)
+        r.teardown()
 
 
 def test_workers_stop_cleanly(tmp_path: Path) -> None:
