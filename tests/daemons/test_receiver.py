@@ -594,7 +594,7 @@ def test_dead_worker_is_restarted(workers_receiver: Receiver) -> None:
 def test_wedged_worker_stops_the_watchdog(tmp_path: Path) -> None:
     """A worker stopped with SIGSTOP (alive, silent) makes alive() False, once its heartbeats
     are 3 x watchdog_interval late; after SIGCONT alive() is True again."""
-    r = Receiver(receiver_settings(tmp_path, "[daemon]\nwatchdog_interval = 0.3\n"), processes=2)
+    r = Receiver(receiver_settings(tmp_path, "[daemon]\nwatchdog_interval = 0.5\n"), processes=2)
     r.setup()
     victim = r.workers[2].pid
     try:
@@ -603,13 +603,15 @@ def test_wedged_worker_stops_the_watchdog(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the workers' heartbeats never came"
             time.sleep(0.05)
         os.kill(victim, signal.SIGSTOP)
-        time.sleep(1.3)  # 3 x 0.3 s of silence, and some
+        time.sleep(2.0)  # 3 x 0.5 s of silence, and some
         with structlog.testing.capture_logs() as logs:
             r.log = structlog.get_logger()
             assert r.alive() is False
             assert r.alive() is False  # still stuck
         warned = [e for e in logs if e["log_level"] == "warning"]
-        assert [e["worker"] for e in warned] == [2]  # named, and once per episode
+        # named, and once per episode (the other worker, beating, is not expected here, but a
+        # loaded machine could delay its beats: only the victim is asserted on)
+        assert [e["worker"] for e in warned].count(2) == 1
         assert r.workers[2].poll() is None  # wedged, not dead: step() leaves it alone
         os.kill(victim, signal.SIGCONT)
         deadline = time.monotonic() + 10
