@@ -20,6 +20,7 @@ import os
 import queue
 import select
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -41,6 +42,25 @@ def stuck_workers(beats: dict[Any, Any], stale_after: float) -> list[Any]:
     watchdog only while this is empty, so a wedged worker gets the whole daemon restarted."""
     now = time.monotonic()
     return [key for key, beat in beats.items() if beat.value and now - beat.value > stale_after]
+
+
+def reuseport_socket(host: str, port: int, *, nodelay: bool = False) -> socket.socket:
+    """A TCP socket bound to host:port with SO_REUSEPORT, not yet listening: daemons with
+    worker processes (tracker, receiver) give each worker one, and the kernel spreads new
+    connections over them; the parent holds one to keep the port. `nodelay`: TCP_NODELAY."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # a restart must not wait for the old connections' TIME_WAIT to pass
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def signal_workers(processes: Any, signum: int) -> None:

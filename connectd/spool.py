@@ -884,7 +884,7 @@ class InboundStore:
         path = self.tmp_dir / name
         digest = hashlib.sha256(data).hexdigest()
         try:
-            _write_synced(path, data)
+            write_synced(path, data)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -991,7 +991,8 @@ class InboundStore:
         return out
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
+    """Create `path` (never existing before) holding `data`, fsynced, mode 0600."""
     # O_EXCL: a name is written once; never through a file or symlink someone else planted
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

@@ -98,7 +98,7 @@ from aiosmtpd.smtp import MISSING, SMTP, syntax
 from aiosmtpd.smtp import log as smtp_log
 
 from connectd.core.tokens import MAX_TOKEN_LEN, BadToken, verify_verp
-from connectd.daemon import Daemon, DaemonFailed, stuck_workers
+from connectd.daemon import Daemon, DaemonFailed, reuseport_socket, stuck_workers
 from connectd.secrets import SecretsError, load_secrets
 from connectd.settings import Settings, SettingsError
 from connectd.spool import (
@@ -945,20 +945,6 @@ class Broker:
             sock.send(orjson.dumps([seq, rec_id, error]))
         except OSError:
             pass  # the worker is gone; its client got no 250 and will retry
-
-
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port with SO_REUSEPORT (not yet listening)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 def _worker_entry() -> None:

@@ -30,7 +30,7 @@ from aiosmtpd.controller import Controller
 
 from connectd.daemon import Daemon
 from connectd.settings import Settings
-from connectd.spool import fsync_dir
+from connectd.spool import fsync_dir, write_synced
 
 MAX_MESSAGE_SIZE = 50 * 1024 * 1024  # bytes; larger messages are refused with 552
 RCPT_HEADER = "X-Connectd-Sink-Rcpt"
@@ -88,7 +88,7 @@ class Maildir:
         name = self._unique_name()
         tmp, new = self.root / "tmp" / name, self.root / "new" / name
         try:
-            _write_file(tmp, data)
+            write_synced(tmp, data)
             # rename is atomic: a reader of new/ (or a crash) sees the whole message or nothing
             os.rename(tmp, new)
         except BaseException:
@@ -101,17 +101,6 @@ class Maildir:
             new.unlink(missing_ok=True)
             raise
         return name
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)  # the bytes are on disk before new/ names them (no empty file after a crash)
-    finally:
-        os.close(fd)
 
 
 class SinkHandler:

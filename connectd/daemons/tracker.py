@@ -31,13 +31,19 @@ import time
 from typing import Any
 
 from connectd import log
-from connectd.daemon import Daemon, DaemonFailed, signal_workers, stuck_workers
+from connectd.daemon import (
+    Daemon,
+    DaemonFailed,
+    reuseport_socket,
+    signal_workers,
+    stuck_workers,
+)
 from connectd.secrets import SecretsError, load_secrets
 from connectd.settings import Settings, SettingsError
 from connectd.spool import Spool
 from connectd.tracker import metrics as metrics_mod
 from connectd.tracker.links import LinkMap
-from connectd.tracker.server import listen_socket, run_worker
+from connectd.tracker.server import run_worker
 
 STARTUP_TIMEOUT = 30.0  # seconds for every worker to listen
 STOP_TIMEOUT = 10.0  # seconds workers get after TERM before they are killed
@@ -78,7 +84,7 @@ class Tracker(Daemon):
         t = self.settings.tracker
         try:
             # hold the port without listening: connections only go to the workers' sockets
-            self.sock = listen_socket(t.host, t.port)
+            self.sock = reuseport_socket(t.host, t.port, nodelay=True)
         except OSError as exc:
             raise TrackerFailed(f"cannot listen on {t.host}:{t.port}: {exc.strerror}") from None
         self.port = self.sock.getsockname()[1]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
-import socket
 import time
 from collections import deque
 from collections.abc import Coroutine
@@ -39,6 +38,7 @@ from typing import Any
 import httptools
 
 from connectd import log
+from connectd.daemon import reuseport_socket
 from connectd.secrets import SecretsError, load_secrets
 from connectd.settings import Settings
 from connectd.spool import Spool, StreamLocked, StreamWriter
@@ -64,25 +64,6 @@ class _Limit(Exception):
 
 def stream_name(worker: int) -> str:
     return f"tracker.events.{worker}"
-
-
-def listen_socket(host: str, port: int, reuse_port: bool = True) -> socket.socket:
-    """A TCP socket bound to host:port with SO_REUSEPORT (each worker has one; the kernel
-    spreads new connections over them), listening unless `reuse_port` is used to only hold
-    the port."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        # a restart must not wait for the old connections' TIME_WAIT to pass
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -287,7 +268,7 @@ class Worker:
         self._stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        sock = listen_socket(self.settings.tracker.host, self.port)
+        sock = reuseport_socket(self.settings.tracker.host, self.port, nodelay=True)
         server = await loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=2048)
         gc.freeze()  # our set-up's objects live as long as we do: out of the collector's way
         self.log.info("listening", port=self.port, stream=stream_name(self.number),
