@@ -17,7 +17,8 @@ What happens once per launch (so not per message):
   `href="{{ url }}"` survive the re-serialisation.
 - No text part given: the text template is derived from the HTML template (render's
   html_to_text on the source; tags and merge tags are text to it), so each message renders a
-  text template instead of parsing its rendered HTML again (~10x cheaper per message).
+  text template instead of parsing its rendered HTML again (~10x cheaper per message);
+  wrapped at 72 columns (render.wrap_text), never inside template syntax or a URL.
 - render.check() on subject, HTML and text: a template that is refused (sandbox) or invalid
   fails the launch before anyone gets mail.
 - Links in the text part are tracked too (a customer reading plain text clicks through the
@@ -158,7 +159,9 @@ def _decode(body: bytes) -> str:
 def _text_template(html: str) -> str | None:
     """The HTML template as a text template, or None when that does not compile (template
     syntax inside tags, say): the text is then derived from each rendered HTML instead."""
-    text = render.html_to_text(html)
+    # wrapped at 72 as plain text is written (and short lines cost the quoted-printable
+    # encoder nothing per message)
+    text = render.wrap_text(render.html_to_text(html))
     try:
         render.check("", None, text)
     except render.RenderError:

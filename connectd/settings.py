@@ -179,6 +179,7 @@ class ComposerSettings:
     content_timeout: float = setting(10.0, "seconds to fetch a message's content by URL")
     dkim_dir: Path = setting(Path("dkim"), "DKIM keys: <domain>.rsa.pem and/or <domain>.ed25519.pem")
     dkim_selector: str = setting("connectd", "DKIM selector (the rsa key); ed25519 uses <selector>-ed")
+    dkim_body: Literal["simple", "relaxed"] = setting("simple", "DKIM body canonicalisation: simple (c=relaxed/simple, as dkimpy and Amazon SES sign; no white-space pass over each body) or relaxed")
 
 
 @dataclass(frozen=True)

@@ -2,13 +2,23 @@
 
 No I/O. The composer holds one DkimSigner per sender domain and calls `sign` per message.
 
-- Canonicalisation relaxed/relaxed (RFC 6376 3.4.2 and 3.4.4) is implemented here; the
+- Canonicalisation relaxed for the header (RFC 6376 3.4.2) and relaxed (3.4.4) or simple
+  (3.4.3) for the body, chosen per signer, is implemented here; the
   signature itself is OpenSSL's through `cryptography`: rsa-sha256 (RSA-2048 recommended,
   at least 1024 bits accepted, RFC 8301) or ed25519-sha256 (RFC 8463: Ed25519 over the
   SHA-256 digest of the signed data). dkimpy would take ~7 ms per message (pure-Python RSA).
 - Input must use CRLF line endings (what connectd.core.mime produces and what goes on the
   wire); a bare LF or CR raises ValueError rather than signing bytes an MTA would then
   rewrite, which would break the signature.
+- `sign_fields` signs a message given as its header fields and body, as
+  connectd.core.mime.build_parts returns them, and returns the DKIM-Signature field alone:
+  no parsing of the joined bytes and no CRLF checks (the builder's output is CRLF by
+  construction), about 60 us less per 16 KB message than `sign`.
+- Simple body canonicalisation (what dkimpy and Amazon SES sign with, c=relaxed/simple)
+  hashes the body as it is, less trailing empty lines; relaxed first rewrites white space,
+  which costs a pass over the body. They differ only for a body that a relay changes in
+  white space: lines ending in spaces or tabs, runs of them. The builder's quoted-printable
+  never ends a line in white space, so for its mail the two are equally robust.
 - h= lists each configured header once per instance present in the message (bottom-up,
   RFC 6376 5.4.2), plus one extra "from", "to" and "subject" (oversigning: an empty
   instance that makes a header added later in transit break the signature).
@@ -41,13 +51,17 @@ _DOUBLE_SPACE = re.compile(rb"  ")  # literal patterns: sre's fast prefix search
 _SPACE_CR = re.compile(rb" \r")
 _FWS = re.compile(rb"\r\n([ \t])")
 _TAG_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*\Z")
+_WSP_RUN_S = re.compile(r"[ \t]+")
+_BH_MARK = "!" * 44  # stands for a body hash (44 base64 characters) in a cached header;
+# "!" is in no tag value (selector and domain are checked, names are header names)
 
 
 class DkimSigner:
     """One signing identity: selector + domain + private key (PEM, RSA or Ed25519)."""
 
     def __init__(self, selector: str, domain: str, private_key_pem: bytes | str,
-                 headers: Sequence[str] = DEFAULT_HEADERS) -> None:
+                 headers: Sequence[str] = DEFAULT_HEADERS,
+                 body_canonicalization: str = "relaxed") -> None:
         for what, value in (("selector", selector), ("domain", domain)):
             if not _TAG_SAFE.match(value):
                 raise ValueError(f"DKIM {what} not valid: {value!r}")
@@ -61,7 +75,13 @@ class DkimSigner:
             self.algorithm = "ed25519-sha256"
         else:
             raise ValueError(f"unsupported DKIM key type {type(key).__name__}")
+        if body_canonicalization not in BODY_CANONICALIZATIONS:
+            raise ValueError("DKIM body canonicalisation must be one of "
+                             f"{sorted(BODY_CANONICALIZATIONS)}, got {body_canonicalization!r}")
+        self.body_canonicalization = body_canonicalization
+        self._canonical_body = BODY_CANONICALIZATIONS[body_canonicalization]
         self._key = key
+        self._around: dict[tuple[tuple[str, ...], int], tuple[bytes, bytes, bytes, bytes]] = {}
         self.selector = selector
         self.domain = domain
         self.headers = tuple(h.lower() for h in headers)
@@ -72,11 +92,55 @@ class DkimSigner:
         """A CRLF message -> the same message with a DKIM-Signature header first."""
         head, body = _split(message)
         names, signed = self._select(_header_fields(head))
-        bh = base64.b64encode(hashlib.sha256(canonical_body(body)).digest()).decode("ascii")
+        bh = base64.b64encode(hashlib.sha256(self._canonical_body(body)).digest()).decode("ascii")
         prefix = _signature_prefix(self._tags(names, bh, now))
         data = b"".join(signed) + canonical_header(prefix)
         sig = self._sign_data(data)
         return prefix + _fold_base64(base64.b64encode(sig).decode("ascii")) + b"\r\n" + message
+
+    def sign_fields(self, fields: Sequence[str], body: bytes, now: int) -> bytes:
+        """A message as (header fields as written, each without its CRLF, folds as CRLF +
+        white space, ASCII; the body after the empty line, CRLF line ends) -> its
+        DKIM-Signature field with its CRLF, to put before the fields.
+
+        The input is trusted to be what connectd.core.mime.build_parts makes: it is not
+        checked for bare CR or LF (a bare one would only make the signature fail)."""
+        by_name: dict[str, list[str]] = {}
+        for field in fields:
+            by_name.setdefault(field[:field.index(":")].rstrip(" \t").lower(), []).append(field)
+        names: list[str] = []
+        signed: list[str] = []
+        oversign = OVERSIGN
+        for name in self.headers:
+            got = by_name.get(name)
+            if got:
+                for raw in reversed(got):  # bottom-up: RFC 6376 5.4.2
+                    names.append(name)
+                    signed.append(_canonical_field(name, raw))
+            if name in oversign:
+                names.append(name)
+        bh = base64.b64encode(hashlib.sha256(self._canonical_body(body)).digest())
+        # The header around bh= is the same for every message of this second with these
+        # fields: folded (and canonicalised) once, then bh= goes in between.
+        key = (tuple(names), now)
+        around = self._around.get(key)
+        if around is None:
+            if len(self._around) > 64:
+                self._around.clear()
+            around = self._around[key] = self._prefix_around(names, now)
+        before, after, canon_before, canon_after = around
+        sig = self._sign_data("".join(signed).encode("ascii") + canon_before + bh + canon_after)
+        return (before + bh + after + _fold_base64(base64.b64encode(sig).decode("ascii"))
+                + b"\r\n")
+
+    def _prefix_around(self, names: list[str], now: int) -> tuple[bytes, bytes, bytes, bytes]:
+        """The DKIM-Signature header up to "b=" as the pieces before and after the body
+        hash, as written and canonicalised. A hash is 44 base64 characters without white
+        space, so its place in the folding and in the canonical form does not depend on it."""
+        prefix = _signature_prefix(self._tags(names, _BH_MARK, now))
+        before, after = prefix.split(_BH_MARK.encode("ascii"))
+        canon_before, canon_after = canonical_header(prefix).split(_BH_MARK.encode("ascii"))
+        return before, after, canon_before, canon_after
 
     def _select(self, fields: list[tuple[bytes, bytes]]) -> tuple[list[str], list[bytes]]:
         by_name: dict[bytes, list[bytes]] = {}
@@ -92,7 +156,8 @@ class DkimSigner:
         return names, signed
 
     def _tags(self, names: list[str], bh: str, now: int) -> list[str]:
-        return ["v=1", f"a={self.algorithm}", "c=relaxed/relaxed", f"d={self.domain}",
+        return ["v=1", f"a={self.algorithm}", f"c=relaxed/{self.body_canonicalization}",
+                f"d={self.domain}",
                 f"s={self.selector}", f"t={int(now)}", "h=" + ":".join(names), f"bh={bh}"]
 
     def _sign_data(self, data: bytes) -> bytes:
@@ -153,6 +218,24 @@ def canonical_header(field: bytes) -> bytes:
     return name.strip(b" \t").lower() + b":" + value.strip(b" ")
 
 
+def _canonical_field(name: str, field: str) -> str:
+    """`canonical_header` for a field as text whose lower-cased name is known, with CRLF."""
+    value = field[field.index(":") + 1:]
+    if "\r" in value:
+        value = value.replace("\r\n", "")  # a fold is CRLF + WSP: unfolding keeps the WSP
+    if "\t" in value or "  " in value:
+        value = _WSP_RUN_S.sub(" ", value)
+    return name + ":" + value.strip(" ") + "\r\n"
+
+
+def simple_body(body: bytes) -> bytes:
+    """Body (CRLF) -> simple form (RFC 6376 3.4.3): no trailing empty lines, ending in one
+    CRLF; an empty body is one CRLF."""
+    if body.endswith(b"\r\n") and not body.endswith(b"\r\n\r\n"):
+        return body  # the usual case: hashed as it is, no copy
+    return body.rstrip(b"\r\n") + b"\r\n"
+
+
 def canonical_body(body: bytes) -> bytes:
     """Body (CRLF) -> relaxed form: WSP runs as one space, none at line ends, no trailing
     empty lines; an empty body stays empty (RFC 6376 errata 3192)."""
@@ -174,6 +257,9 @@ def canonical_body(body: bytes) -> bytes:
     if body.endswith(b" "):  # a last line without CRLF, of spaces only maybe
         body = body.rstrip(b" ").rstrip(b"\r\n")
     return body + b"\r\n" if body else b""
+
+
+BODY_CANONICALIZATIONS = {"relaxed": canonical_body, "simple": simple_body}
 
 
 # ---------------------------------------------------------------------------------------------

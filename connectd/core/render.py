@@ -355,6 +355,39 @@ def html_to_text(html: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
+# Template syntax a line is never broken inside: Jinja2 blocks and merge tags (their spaces and
+# line breaks are not places to wrap at).
+_UNBREAKABLE = re.compile(
+    r"\{%-?\s*raw\s*-?%\}.*?\{%-?\s*endraw\s*-?%\}|\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}"
+    r"|\[[A-Za-z][A-Za-z0-9 _]{0,63}(?:\|[^\[\]\r\n]*)?\]", re.S)
+_NOT_SPACE = str.maketrans({" ": "\x00", "\n": "\x00", "\t": "\x00"})
+
+
+def wrap_text(text: str, width: int = 72) -> str:
+    """A plain-text template -> the same with lines longer than `width` broken at spaces
+    (the space becomes the line break; nothing else changes). Template syntax ({{ }}, {% %},
+    {# #}, merge tags) is never broken, and a word longer than `width` (a URL) gets a line of
+    its own. Lines are measured as written, so a rendered line may come out a little longer
+    or shorter; the MIME encoder soft-breaks any that end up over 76 characters.
+
+    What a text part derived from HTML is wrapped with: plain text is read at 72-78 columns
+    (RFC 3676), and short lines go through quoted-printable without soft breaks."""
+    masked = _UNBREAKABLE.sub(lambda m: m.group(0).translate(_NOT_SPACE), text)
+    out = list(text)
+    start = 0  # index where the current output line starts
+    for line_end in [*(i for i, ch in enumerate(masked) if ch == "\n"), len(masked)]:
+        while line_end - start > width:
+            cut = masked.rfind(" ", start, start + width + 1)
+            if cut < 0:  # one long word: it ends the line
+                cut = masked.find(" ", start + width, line_end)
+                if cut < 0:
+                    break
+            out[cut] = "\n"
+            start = cut + 1
+        start = line_end + 1
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # Links and the open pixel
 

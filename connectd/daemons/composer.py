@@ -27,7 +27,6 @@ import asyncio
 import collections
 import gc
 import os
-import re
 import socket
 import time
 from datetime import UTC, datetime
@@ -41,7 +40,7 @@ from connectd.batches import Claim, MailObject
 from connectd.content import LINK_MARKS, ContentError, ContentStore, LaunchContent, fail_instance
 from connectd.core import render
 from connectd.core.dkim import DkimSigner
-from connectd.core.mime import build_message, message_id_for
+from connectd.core.mime import build_parts, join_message, message_id_for
 from connectd.core.tokens import sign_token, sign_verp
 from connectd.daemon import Daemon
 from connectd.db.customer import ComposerHeartbeat
@@ -63,14 +62,15 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
 
 
-def load_signers(dkim_dir: Path, domain: str, selector: str) -> list[DkimSigner]:
+def load_signers(dkim_dir: Path, domain: str, selector: str,
+                 body: str = "simple") -> list[DkimSigner]:
     """The DKIM signers of `domain`: <domain>.rsa.pem (selector) and <domain>.ed25519.pem
-    (<selector>-ed), whichever exist."""
+    (<selector>-ed), whichever exist; `body`: the body canonicalisation."""
     out = []
     for suffix, sel in (("rsa", selector), ("ed25519", f"{selector}-ed")):
         path = Path(dkim_dir) / f"{domain}.{suffix}.pem"
         if path.exists():
-            out.append(DkimSigner(sel, domain, path.read_bytes()))
+            out.append(DkimSigner(sel, domain, path.read_bytes(), body_canonicalization=body))
     return out
 
 
@@ -206,8 +206,9 @@ class Composer(Daemon):
                         batches.renew(self.engine, claim.batch_id, self.composer_name, lease,
                                       datetime.now(UTC))
                         renewed = time.monotonic()
-            task = asyncio.ensure_future(self.pool.send(composed[1], obj.email, composed[0]))
-            pending.append((obj, composed, task))
+            # the future of the reply; no task per message (the pool writes it at once when a
+            # session has room, else as one frees up)
+            pending.append((obj, composed, self.pool.submit(composed[1], obj.email, composed[0])))
             await asyncio.sleep(0)  # let replies and writes of earlier messages proceed
         out = []
         for obj, composed, result in pending:
@@ -219,7 +220,8 @@ class Composer(Daemon):
         got = self._signers.get(domain)
         if got is None:
             c = self.settings.composer
-            got = self._signers[domain] = load_signers(c.dkim_dir, domain, c.dkim_selector)
+            got = self._signers[domain] = load_signers(c.dkim_dir, domain, c.dkim_selector,
+                                                        c.dkim_body)
             if not got:
                 self.log.warning("dkim.no_key", domain=domain, dkim_dir=str(c.dkim_dir),
                                  note="mail from this domain goes unsigned")
@@ -235,26 +237,27 @@ class Composer(Daemon):
         r = render.render(content.subject, content.html, content.text, data)
         key = self._token_key
         tracker = self._tracker
+        made: dict[int, str] = {}  # link id -> its signed URL: HTML and text share them
+
+        def click_url(lid: int) -> str:
+            url = made.get(lid)
+            if url is None:
+                url = made[lid] = f"{tracker}/c/{sign_token(key, inst, cust, lid, kind='c')}"
+            return url
+
         html = r.html
         links = 0
+        order = content.link_order
         if html is not None and content.marked:
-            order = content.link_order
-            made: dict[int, str] = {}
-
-            def marked(m: re.Match[str]) -> str:
-                nonlocal links
-                links += 1
-                i = int(m.group(1))
-                url = made.get(i)
-                if url is None:
-                    url = made[i] = f"{tracker}/c/{sign_token(key, inst, cust, order[i], kind='c')}"
-                return url
-
-            html = LINK_MARKS.sub(marked, html)
+            # split at the marks: [text, link index, text, ...], the indexes become URLs
+            parts = LINK_MARKS.split(html)
+            marks = parts[1::2]
+            parts[1::2] = [click_url(order[int(i)]) for i in marks]
+            links += len(marks)
             html = render.add_open_pixel(
-                html, f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}")
+                "".join(parts), f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}")
         elif html is not None:
-            by_url, order = content.links, content.link_order
+            by_url = content.links
 
             def tracked(i: int, url: str) -> str:
                 nonlocal links
@@ -264,34 +267,35 @@ class Composer(Daemon):
                 if lid is None:
                     return url
                 links += 1
-                return f"{tracker}/c/{sign_token(key, inst, cust, lid, kind='c')}"
+                return click_url(lid)
 
             html, _ = render.rewrite_links(html, tracked)
             html = render.add_open_pixel(
                 html, f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}")
         text = r.text
         if text is not None and content.text_marked:
-            order = content.link_order
-
-            def text_link(m: re.Match[str]) -> str:
-                nonlocal links
-                links += 1
-                return f"{tracker}/c/{sign_token(key, inst, cust, order[int(m.group(1))], kind='c')}"
-
-            text = LINK_MARKS.sub(text_link, text)
+            parts = LINK_MARKS.split(text)
+            marks = parts[1::2]
+            parts[1::2] = [click_url(order[int(i)]) for i in marks]
+            links += len(marks)
+            text = "".join(parts)
         bounce_domain = self.settings.receiver.domain
         verp = sign_verp(self._verp_key, inst, cust)
         from_domain = content.from_addr.rpartition("@")[2].lower()
         mid = message_id_for(inst, cust, from_domain)
-        msg = build_message(
+        fields, body = build_parts(
             from_addr=content.from_addr, from_name=content.from_name, to_addr=obj.email,
             subject=r.subject, html=html, text=text, message_id=mid,
             return_path=f"b-{verp}@{bounce_domain}",
             list_unsubscribe_mailto=f"unsubscribe-{verp}@{bounce_domain}",
             list_unsubscribe_url=f"{tracker}/u/{sign_token(key, inst, cust, kind='u')}",
             date=self._date(now := int(time.time())))
+        signatures = b""
         for signer in self._signers_for(from_domain):
-            msg = signer.sign(msg, now)
+            # each signature covers the fields, not an earlier signature (RFC 6376 5.4: the
+            # signers choose; DKIM-Signature is not in h=): the order does not matter
+            signatures = signer.sign_fields(fields, body, now) + signatures
+        msg = join_message(fields, body, signatures)
         return (msg, f"b-{verp}@{bounce_domain}", obj.email.rpartition("@")[2].lower(), mid,
                 r.subject, links)
 
