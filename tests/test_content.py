@@ -214,3 +214,17 @@ def test_store_tracks_the_text_parts_links(web, engine, migrated_customer_url, o
     # HTML positions 0-2, then the text's two links
     assert got.link_order[3:] == [got.links["https://shop.example/t"],
                                   got.links["https://shop.example/a"]]
+
+
+def test_derived_text_is_wrapped_at_72() -> None:
+    """A text part derived from the HTML is wrapped at 72 columns, never inside a merge tag
+    or Jinja2 expression."""
+    from connectd.content import _text_template
+
+    html = ("<p>" + "Hello [First Name|dear friend], {{ city | default('your town') }} is " * 12
+            + "</p>")
+    text = _text_template(html)
+    assert text is not None
+    assert max(len(line) for line in text.split("\n")) <= 72
+    assert text.count("[First Name|dear friend]") == 12
+    assert text.count("{{ city | default('your town') }}") == 12

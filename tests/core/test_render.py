@@ -324,3 +324,41 @@ def test_merge_only_templates_render_as_jinja(pieces: list[str], first: object,
         except rd.RenderError:
             continue  # refused by check() before any customer, fast path or not
         assert rd._run(mode, source, data) == template.render(data, **{rd._DATA: data})
+
+
+# ---------------------------------------------------------------------------------------------
+# wrap_text
+
+def test_wrap_text_breaks_at_spaces_only() -> None:
+    """Long lines break at a space (the space becomes the break), short ones and existing
+    breaks stay; nothing else changes."""
+    line = " ".join(f"word{i}" for i in range(40))
+    out = rd.wrap_text(line + "\nshort line\n\n" + line, 30)
+    assert out.replace("\n", " ") == (line + " short line  " + line)
+    assert all(len(x) <= 30 for x in out.split("\n"))
+    assert "\nshort line\n\n" in out
+
+
+def test_wrap_text_keeps_template_syntax_and_long_words_whole() -> None:
+    """No break inside {{ }}, {% %}, {# #} or a merge tag, even with spaces in them; a word
+    longer than the width (a URL) gets a line of its own and is not cut."""
+    url = "https://shop.example/" + "x" * 90
+    tpl = ("Hello [First Name|my very dear friend] and welcome " * 2
+           + "{{ city | default('some place far far away') }} {% if a and b %}yes{% endif %} "
+           + url + " the end {# a comment with spaces #} done")
+    out = rd.wrap_text(tpl, 20)
+    assert out.replace("\n", " ") == tpl
+    for piece in ("[First Name|my very dear friend]", "{{ city | default('some place far far away') }}",
+                  "{% if a and b %}", "{# a comment with spaces #}", url):
+        assert piece in out
+    assert url in out.split("\n")
+
+
+@given(st.text(alphabet=st.sampled_from(list("ab [|]{}%#\n")), max_size=200),
+       st.integers(min_value=1, max_value=40))
+def test_wrap_text_changes_only_spaces_into_breaks(text: str, width: int) -> None:
+    """Whatever the input: same length, and the only changes are spaces that became line
+    breaks; the result renders to the same text once breaks are read as spaces."""
+    out = rd.wrap_text(text, width)
+    assert len(out) == len(text)
+    assert all(a == b or (a == " " and b == "\n") for a, b in zip(text, out, strict=True))
