@@ -554,6 +554,16 @@ class RelayPool:
             self._ssl = ctx
         return self._ssl
 
+    @property
+    def sessions(self) -> int:
+        """How many SMTP sessions this pool keeps (relay.connections)."""
+        return len(self._conns)
+
+    @property
+    def queued(self) -> int:
+        """Messages submitted but not yet on a session (waiting for one to have room)."""
+        return len(self._jobs)
+
     async def send(self, sender: str, recipient: str, data: bytes) -> Reply:
         """Hand one message to a relay; never raises for relay trouble (see the Reply)."""
         return await self.submit(sender, recipient, data)
