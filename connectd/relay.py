@@ -234,6 +234,7 @@ class _Connection:
         self.timer: asyncio.TimerHandle | None = None
         self.deadline = 0.0
         self.opening = False
+        self.loop: Any = None  # set by attach()
 
     @property
     def is_open(self) -> bool:
@@ -310,6 +311,9 @@ class _Connection:
     def attach(self) -> None:
         """After open(): replies go to on_reply, a lost connection to on_lost."""
         assert self.proto is not None
+        # the loop of this session, kept: asyncio.get_running_loop() makes a getpid() system
+        # call each time (CPython 3.11), and flush and on_reply run for every message
+        self.loop = self.pool._loop = asyncio.get_running_loop()
         self.proto.engine = self
         sock = self.proto.transport.get_extra_info("socket") if self.proto.transport else None
         if sock is not None and hasattr(socket, "TCP_QUICKACK"):
@@ -333,7 +337,7 @@ class _Connection:
             self.proto.transport.write(out[0] if len(out) == 1 else b"".join(out))
             self.out = []
             # the timeout runs from the last write or reply; one timer, re-armed lazily
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             self.deadline = loop.time() + self.pool.timeout
             if self.timer is None:
                 self.timer = loop.call_at(self.deadline, self._check_timeout)
@@ -381,7 +385,7 @@ class _Connection:
     def on_reply(self, code: int, lines: list[bytes]) -> None:
         """One reply, matched with the oldest command still waiting for one."""
         if self.timer is not None:
-            self.deadline = asyncio.get_running_loop().time() + self.pool.timeout
+            self.deadline = self.loop.time() + self.pool.timeout
         if not self.expect:
             # unsolicited (typically 421 before an idle close): this session is done
             self.abort()
@@ -542,6 +546,7 @@ class RelayPool:
         self.chunking = chunking
         self.depth = max(1, depth)
         self._jobs: deque[_Job] = deque()  # messages not yet on a session
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop the pool is used in
         self._opening: set[asyncio.Task[None]] = set()
         self.log = log.get(component="relay")
 
@@ -571,7 +576,10 @@ class RelayPool:
     def submit(self, sender: str, recipient: str, data: bytes) -> asyncio.Future[Reply]:
         """send() without a task: queue the message (written at once if a session has
         room) and return the future of its Reply. The loop must run for replies to come."""
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Reply] = loop.create_future()
         self._jobs.append(_Job(sender, recipient, data, fut))
         self._kick()
         return fut
@@ -624,3 +632,4 @@ class RelayPool:
     async def close(self) -> None:
         """QUIT every open session."""
         await asyncio.gather(*(c.quit() for c in self._conns), return_exceptions=True)
+        self._loop = None

@@ -119,15 +119,15 @@ class _Ids:
 
     def __init__(self) -> None:
         self._reset()
+        # a forked child must not repeat the parent's ids: it draws its own random bits (a
+        # hook rather than a getpid() per id, which is a system call each time)
+        os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self.pid = os.getpid()
         self.node = int.from_bytes(os.urandom(6), "big")
         self.counter = itertools.count(int.from_bytes(os.urandom(2), "big"))
 
     def next(self) -> str:
-        if os.getpid() != self.pid:  # forked: a child must not repeat the parent's ids
-            self._reset()
         return f"{int(time.time() * 1000):012x}{self.node:012x}{next(self.counter) & 0xFFFFFFFF:08x}"
 
 
