@@ -57,7 +57,8 @@ _PROTECT = re.compile(
 _PLACEHOLDER = re.compile(r'cdph(\d+)x(?:="")?')
 # private-use characters: no template syntax, escaping or text produces them
 LINK_MARK = "\ue000%d\ue001"
-LINK_MARKS = re.compile("\ue000(\\d+)\ue001")
+OPEN_MARK = "\ue000o\ue001"  # the open pixel's URL in a marked HTML template
+LINK_MARKS = re.compile("\ue000(\\d+|o)\ue001")
 # a URL in plain text: up to white space, quotes, brackets or braces; trailing sentence
 # punctuation is not part of it
 _TEXT_URL = re.compile(r"https?://[^\s<>\"'()\[\]{}\ue000\ue001]+", re.I)
@@ -88,8 +89,9 @@ class LaunchContent:
     hash: str
     links: dict[str, int] = field(default_factory=dict)  # url -> links.id
     link_order: list[int] = field(default_factory=list)  # links.id by position in the HTML
-    # True: every tracked href of `html` is a placeholder LINK_MARK % i (i = position), to be
-    # replaced per message; False: links are rewritten in each rendered HTML instead
+    # True: every tracked href of `html` is a placeholder LINK_MARK % i (i = position), and
+    # the open pixel's src OPEN_MARK, to be replaced per message; False: links are rewritten
+    # and the pixel added in each rendered HTML instead
     marked: bool = False
     # True: the literal URLs of `text` are placeholders LINK_MARK % i too, numbered after the
     # HTML's links (link_order holds both)
@@ -259,6 +261,8 @@ class ContentStore:
             # the literal links become placeholders once here, so each message only swaps
             # them for its signed URLs instead of parsing its rendered HTML for <a> tags
             html = render.rewrite_links(html, lambda i, _url: LINK_MARK % i)[0]
+            # and the open pixel goes in here too, its URL a placeholder as well
+            html = render.add_open_pixel(html, OPEN_MARK)
         self.log.info("content.loaded", instance=instance_id, campaign=row.name,
                       hash=digest[:12], links=len(links),
                       ms=round((time.perf_counter() - t0) * 1000, 1))

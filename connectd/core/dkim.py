@@ -50,6 +50,8 @@ _BARE_CR = re.compile(rb"\r(?!\n)")
 _DOUBLE_SPACE = re.compile(rb"  ")  # literal patterns: sre's fast prefix search
 _SPACE_CR = re.compile(rb" \r")
 _FWS = re.compile(rb"\r\n([ \t])")
+_PKCS1V15 = padding.PKCS1v15()
+_SHA256 = hashes.SHA256()
 _TAG_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*\Z")
 _WSP_RUN_S = re.compile(r"[ \t]+")
 _BH_MARK = "!" * 44  # stands for a body hash (44 base64 characters) in a cached header;
@@ -81,6 +83,7 @@ class DkimSigner:
         self.body_canonicalization = body_canonicalization
         self._canonical_body = BODY_CANONICALIZATIONS[body_canonicalization]
         self._key = key
+        self._rsa = isinstance(key, rsa.RSAPrivateKey)  # checked once: an ABC check per message costs
         self._around: dict[tuple[tuple[str, ...], int], tuple[bytes, bytes, bytes, bytes]] = {}
         self.selector = selector
         self.domain = domain
@@ -161,8 +164,8 @@ class DkimSigner:
                 f"s={self.selector}", f"t={int(now)}", "h=" + ":".join(names), f"bh={bh}"]
 
     def _sign_data(self, data: bytes) -> bytes:
-        if isinstance(self._key, rsa.RSAPrivateKey):
-            return self._key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        if self._rsa:
+            return self._key.sign(data, _PKCS1V15, _SHA256)
         return self._key.sign(hashlib.sha256(data).digest())  # RFC 8463 3: sign the digest
 
 

@@ -262,10 +262,13 @@ class Composer(Daemon):
             # split at the marks: [text, link index, text, ...], the indexes become URLs
             parts = LINK_MARKS.split(html)
             marks = parts[1::2]
-            parts[1::2] = [click_url(order[int(i)]) for i in marks]
-            links += len(marks)
-            html = render.add_open_pixel(
-                "".join(parts), f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}")
+            opened = f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}"
+            parts[1::2] = [opened if i == "o" else click_url(order[int(i)]) for i in marks]
+            pixels = marks.count("o")
+            links += len(marks) - pixels
+            html = "".join(parts)
+            if not pixels:  # the template's own logic left the pixel out: add it here
+                html = render.add_open_pixel(html, opened)
         elif html is not None:
             by_url = content.links
 
