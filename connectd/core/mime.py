@@ -74,6 +74,8 @@ _QP_PIECE = re.compile(rb".{1,75}(?<!=)(?<!=.)", re.S)
 # literal line break, which sre finds with memchr (bytes' own `in` is ~3x slower for these)
 _QP_LINE_TROUBLE = re.compile(rb"\n(?:(?<=[ \t]\n)|\.(?:\n|\Z))")
 _NL_FROM = re.compile(rb"\nFrom ")
+# after a line break: the end of a line in white space, a lone dot, "From ", a line over 76
+_QP_AS_IS_NOT = re.compile(rb"\n(?:(?<=[ \t]\n)|\.(?:\n|\Z)|From |[^\n]{77})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +239,10 @@ def _newlines_lf(text: str) -> str:
 def _encode_body(text: str) -> tuple[bytes, bytes]:
     """Text -> (Content-Transfer-Encoding value, encoded body with CRLF line ends)."""
     data = _newlines_lf(text).encode("utf-8")
-    high = len(data.translate(None, _ASCII_BYTES)) if not data.isascii() else 0
-    if high * 6 > len(data):
+    if data.isascii():
+        if _qp_as_is(data):
+            return b"quoted-printable", data.replace(b"\n", CRLF)
+    elif len(data.translate(None, _ASCII_BYTES)) * 6 > len(data):
         return b"base64", _base64_lines(data)
     qp = quoted_printable(data)
     if qp.startswith(b"From ") or _NL_FROM.search(qp):
@@ -247,6 +251,20 @@ def _encode_body(text: str) -> tuple[bytes, bytes]:
         if any(len(line) > 76 for line in qp.split(CRLF)):  # the escape overflowed a line
             return b"base64", _base64_lines(data)
     return b"quoted-printable", qp
+
+
+def _qp_as_is(data: bytes) -> bool:
+    """ASCII text (LF line ends) that quoted-printable leaves as it is but for CRLF: no "=",
+    no control, no line over 76, ending in white space, a lone dot or starting "From " (the
+    usual text part: one search finds any of these, where quoted_printable's general path
+    splits, measures and joins the lines and a second search looks for "From ")."""
+    if b"=" in data or data.translate(None, _QP_PLAIN):
+        return False
+    end = data.find(b"\n")
+    first = data if end < 0 else data[:end]
+    if len(first) > 76 or first == b"." or first[:5] == b"From " or data[-1:] in _QP_LINE_END:
+        return False
+    return _QP_AS_IS_NOT.search(data) is None
 
 
 def _base64_lines(data: bytes) -> bytes:
