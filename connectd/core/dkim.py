@@ -108,18 +108,25 @@ class DkimSigner:
 
         The input is trusted to be what connectd.core.mime.build_parts makes: it is not
         checked for bare CR or LF (a bare one would only make the signature fail)."""
-        by_name: dict[str, list[str]] = {}
+        by_name: dict[str, list[str]] = {}  # lower-case name -> values (after the colon)
         for field in fields:
-            by_name.setdefault(field[:field.index(":")].rstrip(" \t").lower(), []).append(field)
+            name, _, value = field.partition(":")
+            got = by_name.get(name)  # as written: the usual case, one lookup
+            if got is None:
+                key = name.rstrip(" \t").lower()
+                got = by_name.setdefault(key, [])
+                if key != name:
+                    by_name[name] = got
+            got.append(value)
         names: list[str] = []
         signed: list[str] = []
         oversign = OVERSIGN
         for name in self.headers:
             got = by_name.get(name)
             if got:
-                for raw in reversed(got):  # bottom-up: RFC 6376 5.4.2
+                for value in reversed(got):  # bottom-up: RFC 6376 5.4.2
                     names.append(name)
-                    signed.append(_canonical_field(name, raw))
+                    signed.append(_canonical_field(name, value))
             if name in oversign:
                 names.append(name)
         bh = base64.b64encode(hashlib.sha256(self._canonical_body(body)).digest())
@@ -221,9 +228,9 @@ def canonical_header(field: bytes) -> bytes:
     return name.strip(b" \t").lower() + b":" + value.strip(b" ")
 
 
-def _canonical_field(name: str, field: str) -> str:
-    """`canonical_header` for a field as text whose lower-cased name is known, with CRLF."""
-    value = field[field.index(":") + 1:]
+def _canonical_field(name: str, value: str) -> str:
+    """`canonical_header` for a field as text, from its lower-cased name and its value (all
+    after the colon), with CRLF."""
     if "\r" in value:
         value = value.replace("\r\n", "")  # a fold is CRLF + WSP: unfolding keeps the WSP
     if "\t" in value or "  " in value:

@@ -59,6 +59,7 @@ _ADDRESS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9.-]{1,25
 _DOMAIN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 _LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*\Z")
 _URL_BAD = re.compile(r"[\s<>,\"]")
+_TARGET_PLAIN = re.compile(r"[^\s<>,\"\x00-\x1f\x7f-\x9f]+\Z")  # header_value leaves it alone
 _MESSAGE_ID = re.compile(r"<i(\d+)\.c(\d+)@([^<>@\s]+)>\Z")
 _FROM_LINE = re.compile(rb"^From ", re.M)
 _ASCII_BYTES = bytes(range(128))
@@ -193,27 +194,40 @@ def _date_header(date: datetime) -> str:
 def _list_unsubscribe(mailto: str | None, url: str | None) -> list[str]:
     targets = []
     if mailto:
-        mailto = header_value(mailto)
-        if not mailto.lower().startswith("mailto:"):
+        mailto = _target(mailto)
+        if mailto[:7].lower() != "mailto:":
             mailto = "mailto:" + mailto
         targets.append(mailto)
+    https = False
     if url:
-        url = header_value(url)
-        if not url.lower().startswith(("https://", "http://")):
+        url = _target(url)
+        https = url[:8].lower() == "https://"
+        if not https and url[:7].lower() != "http://":
             raise ValueError(f"list_unsubscribe_url must be http(s): {url!r}")
         targets.append(url)
     for t in targets:
-        if _URL_BAD.search(t) or len(t) + 20 > MAX_LINE:
+        if len(t) + 20 > MAX_LINE:
             raise ValueError(f"unsubscribe target not usable in a header: {t!r}")
     if not targets:
         return []
-    line = "List-Unsubscribe: " + ", ".join(f"<{t}>" for t in targets)
+    line = "List-Unsubscribe: <" + ">, <".join(targets) + ">"
     if len(line) > FOLD_AT:
-        line = "List-Unsubscribe: " + ",\r\n ".join(f"<{t}>" for t in targets)
-    out = [line]
-    if url and url.lower().startswith("https://"):
-        out.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
-    return out
+        line = "List-Unsubscribe: <" + ">,\r\n <".join(targets) + ">"
+    if https:
+        return [line, "List-Unsubscribe-Post: List-Unsubscribe=One-Click"]
+    return [line]
+
+
+def _target(value: str) -> str:
+    """An unsubscribe address or URL as it may stand in <...>: header_value's flattening
+    (a value without white space or controls, the usual one, is taken as it is), and
+    ValueError when white space, "<", ">", "," or '"' remain in it."""
+    if _TARGET_PLAIN.match(value):
+        return value
+    value = header_value(value)
+    if _URL_BAD.search(value):
+        raise ValueError(f"unsubscribe target not usable in a header: {value!r}")
+    return value
 
 
 def _extra(headers: Sequence[tuple[str, str]]) -> list[str]:
