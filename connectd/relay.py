@@ -588,10 +588,13 @@ class RelayPool:
     def _kick(self) -> None:
         """Queued messages to open sessions with room; open more sessions while some wait."""
         jobs = self._jobs
+        depth = self.depth
         for c in self._conns:
             if not jobs:
                 return
-            if c.is_open and c.proto is not None and c.proto.engine is c:
+            # a session waiting for a reply takes nothing now (its replies pump it later)
+            if (not c.blocked and c.inflight < depth and c.is_open and c.proto is not None
+                    and c.proto.engine is c):
                 c.pump()
         for c in self._conns:
             if not jobs:

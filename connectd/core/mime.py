@@ -331,10 +331,11 @@ def _qp_line(line: bytes) -> bytes:
     return b"=\r\n".join(pieces)
 
 
-def _part(subtype: bytes, text: str) -> bytes:
+def _part(subtype: bytes, text: str) -> tuple[bytes, bytes]:
+    """A body part -> (its header section with the empty line, its encoded content)."""
     cte, body = _encode_body(text)
     return (b"Content-Type: text/" + subtype + b'; charset="utf-8"\r\n'
-            b"Content-Transfer-Encoding: " + cte + b"\r\n\r\n" + body)
+            b"Content-Transfer-Encoding: " + cte + b"\r\n\r\n", body)
 
 
 def _end_single(cte: bytes, body: bytes) -> bytes:
@@ -420,8 +421,8 @@ def build_parts(*, from_addr: str, from_name: str | None, to_addr: str, subject:
     boundary = _boundary(mid)
     head.append(f'Content-Type: multipart/alternative;\r\n boundary="{boundary.decode()}"')
     delimiter = b"\r\n--" + boundary
-    return head, b"".join((
-        b"--", boundary, CRLF, _part(b"plain", text),
-        delimiter, CRLF, _part(b"html", html),
+    return head, b"".join((  # one copy of the parts' content, into the body
+        b"--", boundary, CRLF, *_part(b"plain", text),
+        delimiter, CRLF, *_part(b"html", html),
         delimiter, b"--\r\n",
     ))

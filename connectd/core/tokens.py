@@ -185,6 +185,30 @@ def sign_token(key: bytes | str, *fields: int, kind: str) -> str:
         "ascii")
 
 
+def sign_tokens(key: bytes | str, head: Sequence[int], tails: Sequence[int],
+                kind: str) -> list[str]:
+    """[sign_token(key, *head, t, kind=kind) for t in tails]: the same tokens, with `head`
+    packed and absorbed into the MAC once (a message's links: head = instance, customer,
+    tails = link ids)."""
+    if len(head) >= MAX_FIELDS:
+        raise BadToken(f"more than {MAX_FIELDS} fields")
+    inner, outer = _keyed(key, kind)
+    packed = _pack(head)
+    started = inner.copy()
+    started.update(packed)
+    lead = _VERSION_BYTE + packed
+    out = []
+    for tail in tails:
+        last = _pack((tail,))
+        h = started.copy()
+        h.update(last)
+        o = outer.copy()
+        o.update(h.digest())
+        out.append(binascii.b2a_base64(lead + last + o.digest()[:MAC_LEN], newline=False)
+                   .translate(_URLSAFE).rstrip(b"=").decode("ascii"))
+    return out
+
+
 def verify_token(keys: Sequence[bytes | str], token: str, kind: str) -> tuple[int, ...]:
     """A token from `sign_token` with any of `keys` and the same `kind` -> its fields.
 

@@ -42,7 +42,7 @@ from connectd.content import LINK_MARKS, ContentError, ContentStore, LaunchConte
 from connectd.core import render
 from connectd.core.dkim import DkimSigner
 from connectd.core.mime import build_parts, join_message, message_id_for
-from connectd.core.tokens import sign_token, sign_verp
+from connectd.core.tokens import sign_token, sign_tokens, sign_verp
 from connectd.daemon import Daemon
 from connectd.db.customer import ComposerHeartbeat
 from connectd.db.engine import make_engine, writer
@@ -262,6 +262,10 @@ class Composer(Daemon):
             # split at the marks: [text, link index, text, ...], the indexes become URLs
             parts = LINK_MARKS.split(html)
             marks = parts[1::2]
+            # the HTML's link ids signed in one go (the text part's are mostly the same)
+            lids = list({order[int(i)] for i in marks if i != "o"})
+            for lid, token in zip(lids, sign_tokens(key, (inst, cust), lids, "c"), strict=True):
+                made[lid] = f"{tracker}/c/{token}"
             opened = f"{tracker}/o/{sign_token(key, inst, cust, kind='o')}"
             parts[1::2] = [opened if i == "o" else click_url(order[int(i)]) for i in marks]
             pixels = marks.count("o")

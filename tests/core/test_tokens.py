@@ -241,3 +241,23 @@ def test_sign_is_fast() -> None:
         best = min(best, (time.perf_counter() - t0) / 1000)
     print(f"sign_token: {best * 1e6:.2f} us")
     assert best * 13 < 30e-6
+
+
+@given(head=st.lists(st.integers(0, 2**64 - 1), min_size=0, max_size=7),
+       tails=st.lists(st.integers(0, 2**64 - 1), max_size=5))
+def test_sign_tokens_equals_sign_token(head: list[int], tails: list[int]) -> None:
+    """sign_tokens gives exactly the tokens sign_token gives one by one, and they verify."""
+    key = "k" * 43
+    got = tk.sign_tokens(key, head, tails, "c")
+    assert got == [tk.sign_token(key, *head, t, kind="c") for t in tails]
+    for t, token in zip(tails, got, strict=True):
+        assert tk.verify_token([key], token, "c") == (*head, t)
+
+
+def test_sign_tokens_refuses_what_sign_token_refuses() -> None:
+    with pytest.raises(tk.BadToken):
+        tk.sign_tokens("k", list(range(8)), [1], "c")
+    with pytest.raises(tk.BadToken):
+        tk.sign_tokens("k", [1], [-1], "c")
+    with pytest.raises(ValueError):
+        tk.sign_tokens("k", [1], [1], "")
