@@ -249,6 +249,36 @@ def test_unsendable_address_is_failed_before_hand_off(tree, relay):
     assert out[2]["outcome"] == "sent" and len(handler.messages) == 1
 
 
+def test_a_signing_failure_fails_that_message_alone(tree, relay, monkeypatch):
+    """Messages are signed a group at a time: one whose signing raises is failed with the
+    reason, and the others of its group go out signed."""
+    from connectd.core import dkim
+
+    handler, _ = relay
+    dkim_dir = tree.settings.composer.dkim_dir
+    dkim_dir.mkdir()
+    pem, _ = generate_key("rsa")
+    (dkim_dir / "example.com.rsa.pem").write_bytes(pem)
+    real = dkim.DkimSigner.sign_fields
+
+    def sign_fields(self, fields, body, now):  # type: ignore[no-untyped-def]
+        if "To: c2@example.com" in fields:
+            raise ValueError("no signature for c2")
+        return real(self, fields, body, now)
+
+    monkeypatch.setattr(dkim.DkimSigner, "sign_fields", sign_fields)
+    seed_outbound(tree.url, 4, html_url=f"{tree.content_base}/page.html",
+                  from_address="Shop <news@example.com>")
+    Composer(tree.settings, instance=1).run_until_idle()
+    out = {r["customer"]: r for r in tree.records("composer.sent.1")}
+    assert out[2]["outcome"] == "failed" and "no signature for c2" in out[2]["reply"]
+    assert {c: r["outcome"] for c, r in out.items() if c != 2} == {1: "sent", 3: "sent",
+                                                                  4: "sent"}
+    assert sorted(r for _, r, _ in handler.messages) == [
+        "c1@example.com", "c3@example.com", "c4@example.com"]
+    assert all(raw.startswith(b"DKIM-Signature:") for _, _, raw in handler.messages)
+
+
 def test_sigkill_mid_batch_and_restart_sends_nobody_twice(tmp_path, content_server):
     """A real `connectd run composer` killed with SIGKILL mid-batch, then restarted: no
     message twice, everyone either received it or is among the few reported unknown."""
