@@ -13,7 +13,8 @@ No I/O. The composer holds one DkimSigner per sender domain and calls `sign` per
 - `sign_fields` signs a message given as its header fields and body, as
   connectd.core.mime.build_parts returns them, and returns the DKIM-Signature field alone:
   no parsing of the joined bytes and no CRLF checks (the builder's output is CRLF by
-  construction), about 60 us less per 16 KB message than `sign`.
+  construction): for a 16 KB message, the signing less the RSA step takes 18 us instead
+  of 62 (simple body) or 39 instead of 83 (relaxed).
 - Simple body canonicalisation (what dkimpy and Amazon SES sign with, c=relaxed/simple)
   hashes the body as it is, less trailing empty lines; relaxed first rewrites white space,
   which costs a pass over the body. They differ only for a body that a relay changes in
