@@ -22,7 +22,7 @@ What competes for the CPU: the composer runs in this process (the content server
 idle while it runs, so the CPU time is the composer's own: main thread, uvloop and the spool
 writers' flush threads). smtp-sink runs beside it on the same cores, as a relay on the same
 host would; on a 2-core machine that is shared with other work, msgs/s swings by +-15% from
-run to run, and the CPU per message measured inside a full run is ~20% higher than the same
+run to run, and the CPU per message measured inside a full run is 5-10% higher than the same
 code in a tight loop (caches and cores shared with the sink and the SQLite writes): run it
 2-3 times and read ranges.
 """
