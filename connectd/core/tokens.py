@@ -180,7 +180,10 @@ def sign_token(key: bytes | str, *fields: int, kind: str) -> str:
     """`fields` (non-negative ints) signed with `key` for use as `kind` -> base64url text.
 
     Raises BadToken for a negative, non-int or too large field, or more than MAX_FIELDS."""
-    raw = _seal(key, fields, kind)
+    return _b64url(_seal(key, fields, kind))
+
+
+def _b64url(raw: bytes) -> str:
     return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode(
         "ascii")
 
@@ -204,8 +207,7 @@ def sign_tokens(key: bytes | str, head: Sequence[int], tails: Sequence[int],
         h.update(last)
         o = outer.copy()
         o.update(h.digest())
-        out.append(binascii.b2a_base64(lead + last + o.digest()[:MAC_LEN], newline=False)
-                   .translate(_URLSAFE).rstrip(b"=").decode("ascii"))
+        out.append(_b64url(lead + last + o.digest()[:MAC_LEN]))
     return out
 
 

@@ -76,8 +76,11 @@ def verify_ed25519(signed: bytes, record: str) -> bool:
     signer_view = dkim.DkimSigner.__new__(dkim.DkimSigner)
     listed = re.search(rb"h=([^;]*);", re.sub(rb"\s", b"", head)).group(1)  # type: ignore[union-attr]
     signer_view.headers = tuple(dict.fromkeys(h.decode() for h in listed.split(b":")))
-    fields = dkim._header_fields(dkim._split(rest)[0])
-    _, signed_fields = dkim.DkimSigner._select(signer_view, fields)
+    by_name: dict[bytes, list[bytes]] = {}
+    for name, raw in dkim._header_fields(dkim._split(rest)[0]):
+        by_name.setdefault(name.strip().lower(), []).append(raw)
+    signed_fields = [dkim.canonical_header(raw) + b"\r\n" for h in signer_view.headers
+                     for raw in reversed(by_name.get(h.encode(), []))]
     data = b"".join(signed_fields) + dkim.canonical_header(prefix)
     try:
         pub.verify(sig, hashlib.sha256(data).digest())
